@@ -1,0 +1,5 @@
+import sys
+
+from pqjax.cli import main
+
+sys.exit(main())

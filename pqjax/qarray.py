@@ -1,0 +1,119 @@
+"""The quantized array: a frozen dataclass pytree that decodes itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from pqjax import power
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+  """The 2-D ``(K, N)`` view of a leaf: N is the last axis, K the rest."""
+  if not shape:
+    return 1, 1
+  return math.prod(shape[:-1]), shape[-1]
+
+
+def _is_array(x: object) -> bool:
+  return hasattr(x, 'shape') and hasattr(x, 'dtype')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QArray:
+  """A weight stored as packed power-domain codes.
+
+  Attributes:
+    codes: packed codes along K: ``(packed_rows(K, bits), N)``, uint8 for 2 to 4
+      bits (offset by qmax), int8 for 5 to 8 bits.
+    scale: float32 block scales ``(nk, ncol)``: ``nk`` blocks of ``K // nk`` rows,
+      ``ncol`` is 1 (one scale for all columns) or N (one per column).
+    alpha: float32 scalar, the exponent of the power map.
+    bits: code width, 2 to 8.
+    shape: shape of the original leaf.
+    dtype: dtype of the original leaf, which decoding gives back.
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+  alpha: jax.Array
+  bits: int
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  def __post_init__(self):
+    # Pytree utilities rebuild nodes with placeholder leaves; validate arrays only.
+    if not (_is_array(self.codes) and _is_array(self.scale)):
+      return
+    k, n = matrix_shape(self.shape)
+    want = (power.packed_rows(k, self.bits), n)
+    if tuple(self.codes.shape) != want:
+      raise ValueError(
+          f'codes shape {tuple(self.codes.shape)} does not match {want} for a leaf of'
+          f' shape {self.shape} at {self.bits} bits')
+    if np.dtype(self.codes.dtype) != power.packed_dtype(self.bits):
+      raise ValueError(
+          f'codes dtype {self.codes.dtype} is not {power.packed_dtype(self.bits)} at'
+          f' {self.bits} bits')
+    if len(self.scale.shape) != 2:
+      raise ValueError(f'scale must be 2-D (nk, ncol), got {tuple(self.scale.shape)}')
+    nk, ncol = self.scale.shape
+    if nk < 1 or k % nk or ncol not in (1, n):
+      raise ValueError(
+          f'scale shape {tuple(self.scale.shape)} does not tile a ({k}, {n}) matrix')
+    if _is_array(self.alpha) and tuple(self.alpha.shape) != ():
+      raise ValueError(f'alpha must be a scalar, got shape {tuple(self.alpha.shape)}')
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes held by the codes, scales and exponent."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in (self.codes, self.scale, self.alpha))
+
+  @property
+  def block_rows(self) -> int:
+    """Rows of K that share one scale."""
+    return matrix_shape(self.shape)[0] // self.scale.shape[0]
+
+  def dequantize(self) -> jax.Array:
+    """Decodes to an array of the original shape and dtype."""
+    k, n = matrix_shape(self.shape)
+    nk = self.scale.shape[0]
+    q = power.unpack(self.codes, self.bits, k).reshape(nk, k // nk, n)
+    w = power.decode(q, self.scale[:, None, :], self.alpha, self.bits)
+    return w.reshape(self.shape).astype(self.dtype)
+
+  def __repr__(self) -> str:
+    return (f'QArray(shape={self.shape}, dtype={np.dtype(self.dtype).name},'
+            f' bits={self.bits}, blocks={tuple(self.scale.shape)})')
+
+
+jax.tree_util.register_dataclass(
+    QArray, data_fields=['codes', 'scale', 'alpha'],
+    meta_fields=['bits', 'shape', 'dtype'])
+
+
+def is_qarray(x: object) -> bool:
+  return isinstance(x, QArray)
+
+
+def dequantize(tree):
+  """Replaces every :class:`QArray` in ``tree`` by its decoded array."""
+  return jax.tree_util.tree_map(
+      lambda x: x.dequantize() if isinstance(x, QArray) else x, tree, is_leaf=is_qarray)
+
+
+def contains_qarray(tree) -> bool:
+  return any(isinstance(x, QArray)
+             for x in jax.tree_util.tree_leaves(tree, is_leaf=is_qarray))
