@@ -9,8 +9,8 @@ import re
 _MODULES = (
     'abc argparse array ast asyncio base64 bisect calendar collections concurrent.futures'
     ' configparser contextlib copy csv dataclasses datetime decimal difflib email enum'
-    ' filecmp fnmatch fractions ftplib functools gettext glob gzip hashlib heapq hmac html'
-    ' http.client imaplib inspect io ipaddress itertools json logging lzma mailbox'
+    ' filecmp fnmatch fractions ftplib functools gettext glob gzip hashlib heapq hmac'
+    ' html http.client imaplib inspect io ipaddress itertools json logging lzma mailbox'
     ' mimetypes numbers operator optparse os pathlib pickle pkgutil platform plistlib'
     ' poplib pprint queue random re sched secrets selectors shelve shlex shutil signal'
     ' smtplib socket socketserver sqlite3 statistics string struct subprocess tarfile'

@@ -71,17 +71,21 @@ def encode(w3: jax.Array, scale: jax.Array, alpha: jax.Array, bits: int) -> jax.
   return jnp.where(w3 < 0, -k, k)
 
 
-def signed_table(alpha: jax.Array, bits: int) -> jax.Array:
-  """Decoded value of each offset code ``u = q + qmax``, u in [0, 2 qmax]."""
+def decode_table(alpha: float, bits: int) -> np.ndarray:
+  """Decoded value of each offset code ``u = q + qmax``, u in [0, 2 qmax].
+
+  Computed on the host in float64 and rounded once to float32, so every level is
+  the correctly rounded value of the formula, whatever the backend's ``pow``.
+  """
   qm = qmax(bits)
-  k = jnp.arange(-qm, qm + 1)
-  return jnp.sign(k).astype(jnp.float32) * decode_magnitude(jnp.abs(k), alpha, bits)
+  k = np.arange(-qm, qm + 1, dtype=np.float64)
+  a = float(np.float32(alpha))
+  return (np.sign(k) * (np.abs(k) / qm) ** (1.0 / a)).astype(np.float32)
 
 
-def decode(q: jax.Array, scale: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
-  """Float32 block view from signed codes, through a (2 qmax + 1)-entry table."""
-  table = signed_table(alpha, bits)
-  return table[q + qmax(bits)] * scale
+def decode(q: jax.Array, scale: jax.Array, table: jax.Array, bits: int) -> jax.Array:
+  """Float32 block view from signed codes: one table lookup and one multiply."""
+  return jnp.take(table, q + qmax(bits), axis=0) * scale
 
 
 def block_error(x: jax.Array, scale: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:

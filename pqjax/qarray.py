@@ -32,6 +32,8 @@ class QArray:
     scale: float32 block scales ``(nk, ncol)``: ``nk`` blocks of ``K // nk`` rows,
       ``ncol`` is 1 (one scale for all columns) or N (one per column).
     alpha: float32 scalar, the exponent of the power map.
+    table: float32 ``(2 qmax + 1,)``, the decoded level of each offset code: decoding
+      is a lookup and a multiply by the block scale, with no ``pow``.
     bits: code width, 2 to 8.
     shape: shape of the original leaf.
     dtype: dtype of the original leaf, which decoding gives back.
@@ -40,6 +42,7 @@ class QArray:
   codes: jax.Array
   scale: jax.Array
   alpha: jax.Array
+  table: jax.Array
   bits: int
   shape: tuple[int, ...]
   dtype: np.dtype
@@ -66,6 +69,10 @@ class QArray:
           f'scale shape {tuple(self.scale.shape)} does not tile a ({k}, {n}) matrix')
     if _is_array(self.alpha) and tuple(self.alpha.shape) != ():
       raise ValueError(f'alpha must be a scalar, got shape {tuple(self.alpha.shape)}')
+    levels = 2 * power.qmax(self.bits) + 1
+    if _is_array(self.table) and tuple(self.table.shape) != (levels,):
+      raise ValueError(
+          f'table shape {tuple(self.table.shape)} is not ({levels},) at {self.bits} bits')
 
   @property
   def ndim(self) -> int:
@@ -77,9 +84,9 @@ class QArray:
 
   @property
   def nbytes(self) -> int:
-    """Bytes held by the codes, scales and exponent."""
+    """Bytes held by the codes, scales, exponent and decoding table."""
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-               for x in (self.codes, self.scale, self.alpha))
+               for x in (self.codes, self.scale, self.alpha, self.table))
 
   @property
   def block_rows(self) -> int:
@@ -91,7 +98,7 @@ class QArray:
     k, n = matrix_shape(self.shape)
     nk = self.scale.shape[0]
     q = power.unpack(self.codes, self.bits, k).reshape(nk, k // nk, n)
-    w = power.decode(q, self.scale[:, None, :], self.alpha, self.bits)
+    w = power.decode(q, self.scale[:, None, :], self.table, self.bits)
     return w.reshape(self.shape).astype(self.dtype)
 
   def __repr__(self) -> str:
@@ -100,7 +107,7 @@ class QArray:
 
 
 jax.tree_util.register_dataclass(
-    QArray, data_fields=['codes', 'scale', 'alpha'],
+    QArray, data_fields=['codes', 'scale', 'alpha', 'table'],
     meta_fields=['bits', 'shape', 'dtype'])
 
 

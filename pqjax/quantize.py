@@ -58,7 +58,7 @@ def _check_finite(name: str, leaf: Any) -> None:
 
 def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'channel',
              exponent: Exponent = 'layer', filter: tree.Filter | None = None,
-             search_config: search.SearchConfig = search.SearchConfig(),
+             search_config: search.SearchConfig | None = None,
              ) -> tuple[Any, Any]:
   """Quantizes the selected leaves of ``params`` with the power map.
 
@@ -73,7 +73,8 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
       round-to-nearest).
     filter: ``filter(path, leaf) -> bool`` picks the leaves to quantize; ``path`` is
       the ``/``-joined key path. Default: floating leaves with ndim >= 2.
-    search_config: range and resolution of the exponent search.
+    search_config: range and resolution of the exponent search (default
+      :class:`SearchConfig`: exponents in [0.05, 2.0]).
 
   Returns:
     ``(params_q, alphas)``: ``params`` with each selected leaf replaced by a
@@ -81,6 +82,7 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
     exponent (a float) and None elsewhere.
   """
   bits = check_bits(bits)
+  search_config = search_config or search.SearchConfig()
   tree.check_granularity(granularity)
   exponent = check_exponent(exponent)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -114,9 +116,12 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
   for b, members in groups.items():
     codes, scales = search.encode_layers(stacks[b], alphas[b], nk=b.nk, ncol=b.ncol,
                                          bits=bits)
+    host_alphas = np.asarray(alphas[b])
     for j, (i, _, leaf) in enumerate(members):
-      out[i] = QArray(codes=codes[j], scale=scales[j], alpha=alphas[b][j], bits=bits,
+      alpha = host_alphas[j]
+      out[i] = QArray(codes=codes[j], scale=scales[j], alpha=jnp.float32(alpha),
+                      table=jnp.asarray(power.decode_table(alpha, bits)), bits=bits,
                       shape=tuple(leaf.shape), dtype=np.dtype(leaf.dtype))
-      alpha_out[i] = float(alphas[b][j])
+      alpha_out[i] = float(alpha)
   return (jax.tree_util.tree_unflatten(treedef, out),
           jax.tree_util.tree_unflatten(treedef, alpha_out))

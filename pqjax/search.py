@@ -1,11 +1,13 @@
-"""Exponent search: a coarse grid, then golden-section inside the best bracket.
+"""Exponent search: a coarse grid, golden-section, then an exact refinement.
 
 The reconstruction error ``E(a) = ||W - W_hat(a)||^2`` is locally convex with a single
 minimum for real weight distributions, but rounding makes it slightly ragged and a
-bracket far from the minimum can hold a shallow local one. The coarse grid picks the
-bracket around the best grid point; golden-section then narrows it. The result is the
-best of the golden-section point and the best grid point, so the search never returns
-worse than the grid.
+bracket far from the minimum can hold a shallow local one. A coarse grid picks the
+bracket around the best grid point and golden-section narrows it; both run on binned
+statistics of the layer, which give E for any exponent at a cost independent of the
+layer's size. A last golden-section on the exact error, in a narrow bracket around
+that optimum, removes what binning approximates. Each stage keeps the best point seen,
+so the search never returns worse than the grid.
 
 Everything runs inside ``jax.jit``, for a whole stack of equal-shape layers at once
 (``jax.vmap`` over the layer axis).
@@ -34,20 +36,54 @@ class SearchConfig:
     hi: largest exponent considered. ``a = 1`` is uniform quantization; ``a < 1``
       puts more levels near zero, ``a > 1`` near the block maximum.
     grid: points of the coarse grid over ``[lo, hi]``.
-    iters: golden-section steps inside the bracket; the bracket shrinks by 0.618
-      each step, so 24 steps narrow ``2 (hi - lo) / (grid - 1)`` about 100000 times.
+    iters: golden-section steps inside the grid bracket; the bracket shrinks by
+      0.618 each step, so 24 steps narrow ``2 (hi - lo) / (grid - 1)`` about
+      100000 times. These steps cost nothing per weight: they run on binned
+      statistics of the layer.
+    refine_width: half-width of the bracket, around the optimum of the binned
+      error, in which the exact error is minimised.
+    refine_iters: golden-section steps on the exact error (each one a pass over
+      the weights); 14 steps narrow ``2 refine_width`` to about 1e-4.
+    bins: bins of the statistics.
   """
 
   lo: float = 0.05
   hi: float = 2.0
   grid: int = 24
   iters: int = 24
+  refine_width: float = 0.05
+  refine_iters: int = 14
+  bins: int = 4096
 
   def __post_init__(self):
     if not 0 < self.lo < self.hi:
-      raise ValueError(f'search range must satisfy 0 < lo < hi, got ({self.lo}, {self.hi})')
-    if self.grid < 3 or self.iters < 1:
-      raise ValueError(f'grid must be >= 3 and iters >= 1, got {self.grid}, {self.iters}')
+      raise ValueError(
+          f'search range must satisfy 0 < lo < hi, got ({self.lo}, {self.hi})')
+    if self.grid < 3 or self.iters < 1 or self.refine_iters < 0 or self.bins < 16:
+      raise ValueError(
+          f'grid must be >= 3, iters >= 1, refine_iters >= 0 and bins >= 16, got'
+          f' {self.grid}, {self.iters}, {self.refine_iters}, {self.bins}')
+
+
+def golden(f: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array,
+           iters: int) -> tuple[jax.Array, jax.Array]:
+  """Golden-section search of ``f`` on ``[lo, hi]``: ``(argmin, min)`` found."""
+  c = hi - _INV_PHI * (hi - lo)
+  d = lo + _INV_PHI * (hi - lo)
+
+  def step(_, s):
+    lo, hi, c, d, fc, fd = s
+    left = fc < fd
+    lo = jnp.where(left, lo, c)
+    hi = jnp.where(left, d, hi)
+    p = jnp.where(left, hi - _INV_PHI * (hi - lo), lo + _INV_PHI * (hi - lo))
+    fp = f(p)
+    c, d, fc, fd = (jnp.where(left, p, d), jnp.where(left, c, p),
+                    jnp.where(left, fp, fd), jnp.where(left, fc, fp))
+    return lo, hi, c, d, fc, fd
+
+  _, _, c, d, fc, fd = jax.lax.fori_loop(0, iters, step, (lo, hi, c, d, f(c), f(d)))
+  return jnp.where(fc <= fd, c, d), jnp.minimum(fc, fd)
 
 
 def minimise(f: Callable[[jax.Array], jax.Array], shape: tuple[int, ...],
@@ -64,26 +100,19 @@ def minimise(f: Callable[[jax.Array], jax.Array], shape: tuple[int, ...],
   e_grid = jnp.min(errs, axis=0)
   lo = grid[jnp.maximum(best - 1, 0)]
   hi = grid[jnp.minimum(best + 1, config.grid - 1)]
-
-  c = hi - _INV_PHI * (hi - lo)
-  d = lo + _INV_PHI * (hi - lo)
-  state = (lo, hi, c, d, f(c), f(d))
-
-  def step(_, s):
-    lo, hi, c, d, fc, fd = s
-    left = fc < fd
-    lo = jnp.where(left, lo, c)
-    hi = jnp.where(left, d, hi)
-    p = jnp.where(left, hi - _INV_PHI * (hi - lo), lo + _INV_PHI * (hi - lo))
-    fp = f(p)
-    c, d, fc, fd = (jnp.where(left, p, d), jnp.where(left, c, p),
-                    jnp.where(left, fp, fd), jnp.where(left, fc, fp))
-    return lo, hi, c, d, fc, fd
-
-  _, _, c, d, fc, fd = jax.lax.fori_loop(0, config.iters, step, state)
-  a_gs = jnp.where(fc <= fd, c, d)
-  e_gs = jnp.minimum(fc, fd)
+  a_gs, e_gs = golden(f, lo, hi, config.iters)
   return jnp.where(e_gs <= e_grid, a_gs, a_grid)
+
+
+def refine(f: Callable[[jax.Array], jax.Array], a0: jax.Array, config: SearchConfig
+           ) -> jax.Array:
+  """Golden-section on the exact error ``f`` around ``a0``; never worse than ``a0``."""
+  if config.refine_iters == 0:
+    return a0
+  lo = jnp.maximum(a0 - config.refine_width, config.lo)
+  hi = jnp.minimum(a0 + config.refine_width, config.hi)
+  a, e = golden(f, lo, hi, config.refine_iters)
+  return jnp.where(e <= f(a0), a, a0)
 
 
 def prepare(w: jax.Array, nk: int, ncol: int) -> tuple[jax.Array, jax.Array]:
@@ -93,9 +122,61 @@ def prepare(w: jax.Array, nk: int, ncol: int) -> tuple[jax.Array, jax.Array]:
   return power.normalise(w3, scale), scale
 
 
-def _layer_errors(stack: jax.Array, nk: int, ncol: int, bits: int
+# --- binned statistics --------------------------------------------------------------
+# The error of one layer is a sum over its normalised magnitudes x with weight m^2
+# (the block scale squared). Binning x finely and keeping, per bin, the weight and
+# the first and second moments of x about the bin centre gives the error for any
+# exponent exactly, except for the few bins that straddle a rounding threshold:
+#   sum s (x - l)^2 = W2 + 2 (c - l) W1 + (c - l)^2 W0,  W_j = sum s (x - c)^j.
+# Moments about the centre, not raw moments, keep float32 free of cancellation.
+# Bins are uniform in x^(1/4): thresholds crowd near zero at small exponents.
+
+BINS = 4096
+
+
+def bin_centres(bins: int = BINS) -> jax.Array:
+  return jnp.square(jnp.square((jnp.arange(bins, dtype=jnp.float32) + 0.5) / bins))
+
+
+def _bin_index(x: jax.Array, bins: int) -> jax.Array:
+  u = jnp.sqrt(jnp.sqrt(x))
+  return jnp.minimum((u * bins).astype(jnp.int32), bins - 1)
+
+
+def _stats(x: jax.Array, scale: jax.Array, bins: int) -> jax.Array:
+  s = jnp.broadcast_to(jnp.square(scale), x.shape)
+  i = _bin_index(x, bins)
+  d = x - bin_centres(bins)[i]
+  layer = jnp.arange(x.shape[0], dtype=jnp.int32).reshape(-1, 1, 1, 1) * bins
+  data = jnp.stack([s, s * d, s * d * d], axis=-1).reshape(-1, 3)
+  seg = (i + layer).reshape(-1)
+  return jax.ops.segment_sum(data, seg, num_segments=x.shape[0] * bins).reshape(
+      x.shape[0], bins, 3)
+
+
+@functools.partial(jax.jit, static_argnames=('nk', 'ncol', 'bins'))
+def layer_stats(stack: jax.Array, *, nk: int, ncol: int, bins: int = BINS) -> jax.Array:
+  """Binned ``(W0, W1, W2)`` of each layer of a ``(L, K, N)`` stack: ``(L, bins, 3)``."""
+  return _stats(*_prepare_stack(stack, nk, ncol), bins)
+
+
+def stats_error(stats: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
+  """Reconstruction error of each layer from its binned statistics: ``(L,)``."""
+  c = bin_centres(stats.shape[1])
+  a = alpha[:, None]
+  level = power.decode_magnitude(power.encode_magnitude(c[None, :], a, bits), a, bits)
+  d = c[None, :] - level
+  w0, w1, w2 = stats[..., 0], stats[..., 1], stats[..., 2]
+  return jnp.sum(w2 + 2 * d * w1 + d * d * w0, axis=-1)
+
+
+def _prepare_stack(stack: jax.Array, nk: int, ncol: int
+                   ) -> tuple[jax.Array, jax.Array]:
+  return jax.vmap(functools.partial(prepare, nk=nk, ncol=ncol))(stack)
+
+
+def _exact_errors(x: jax.Array, scale: jax.Array, bits: int
                   ) -> Callable[[jax.Array], jax.Array]:
-  x, scale = jax.vmap(functools.partial(prepare, nk=nk, ncol=ncol))(stack)
   err = jax.vmap(functools.partial(power.block_error, bits=bits))
   return lambda a: err(x, scale, a)
 
@@ -103,21 +184,32 @@ def _layer_errors(stack: jax.Array, nk: int, ncol: int, bits: int
 @functools.partial(jax.jit, static_argnames=('nk', 'ncol', 'bits', 'config'))
 def search_layers(stack: jax.Array, *, nk: int, ncol: int, bits: int,
                   config: SearchConfig) -> jax.Array:
-  """Exponent of each layer of a ``(L, K, N)`` stack: shape ``(L,)``."""
-  f = _layer_errors(stack, nk, ncol, bits)
-  return minimise(f, (stack.shape[0],), config)
+  """Exponent of each layer of a ``(L, K, N)`` stack: shape ``(L,)``.
+
+  The grid and the first golden-section run on binned statistics (one pass over
+  the weights); the exact error is then minimised in a narrow bracket.
+  """
+  x, scale = _prepare_stack(stack, nk, ncol)
+  stats = _stats(x, scale, config.bins)
+  a0 = minimise(lambda a: stats_error(stats, a, bits), (stack.shape[0],), config)
+  return refine(_exact_errors(x, scale, bits), a0, config)
 
 
 @functools.partial(jax.jit, static_argnames=('blocks', 'bits', 'config'))
 def search_global(stacks: Sequence[jax.Array], *, blocks: Sequence[tuple[int, int]],
                   bits: int, config: SearchConfig) -> jax.Array:
   """One exponent for all layers of all stacks, minimising the summed error."""
-  fs = [_layer_errors(s, nk, ncol, bits) for s, (nk, ncol) in zip(stacks, blocks)]
+  prepared = [_prepare_stack(s, nk, ncol) for s, (nk, ncol) in zip(stacks, blocks)]
+  stats = jnp.concatenate([_stats(x, scale, config.bins) for x, scale in prepared])
+  a0 = minimise(
+      lambda a: jnp.sum(stats_error(stats, jnp.full((stats.shape[0],), a), bits)), (),
+      config)
+  fs = [_exact_errors(x, scale, bits) for x, scale in prepared]
 
   def total(a):
-    return sum(jnp.sum(f(jnp.full((s.shape[0],), a))) for f, s in zip(fs, stacks))
+    return sum(jnp.sum(f(jnp.full((x.shape[0],), a))) for f, (x, _) in zip(fs, prepared))
 
-  return minimise(total, (), config)
+  return refine(total, a0, config)
 
 
 @functools.partial(jax.jit, static_argnames=('nk', 'ncol', 'bits'))

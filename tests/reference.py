@@ -1,0 +1,56 @@
+"""Independent NumPy implementations of the power quantizer, for the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def qmax(bits: int) -> int:
+  return 2 ** (bits - 1) - 1
+
+
+def blocks(w: np.ndarray, nk: int, ncol: int) -> tuple[np.ndarray, np.ndarray]:
+  """Block view (nk, K // nk, N) of a 2-D float32 array and its absmax scales."""
+  k, n = w.shape
+  w3 = w.astype(np.float32).reshape(nk, k // nk, n)
+  m = np.abs(w3).max(axis=1, keepdims=True)
+  if ncol == 1:
+    m = m.max(axis=2, keepdims=True)
+  return w3, m
+
+
+def power_codes(w: np.ndarray, a: float, bits: int, nk: int = 1, ncol: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(signed codes, pre-rounding values, scales) of q = sign(w) round(qmax (|w|/m)^a)."""
+  ncol = w.shape[1] if ncol is None else ncol
+  w3, m = blocks(w, nk, ncol)
+  x = np.abs(w3) / np.where(m > 0, m, np.float32(1))
+  y = np.float32(qmax(bits)) * np.power(x, np.float32(a))
+  q = np.sign(w3) * np.round(y)
+  return q.astype(np.int32).reshape(w.shape), y.reshape(w.shape), m
+
+
+def power_decode(q: np.ndarray, m: np.ndarray, a: float, bits: int) -> np.ndarray:
+  """w_hat = sign(q) m (|q| / qmax)^(1/a), from codes of shape (K, N)."""
+  nk = m.shape[0]
+  k, n = q.shape
+  q3 = q.reshape(nk, k // nk, n)
+  # Each level is the float64 value of the formula rounded once to float32.
+  mag = np.power(np.abs(q3) / qmax(bits), 1.0 / float(np.float32(a))).astype(np.float32)
+  return (np.sign(q3).astype(np.float32) * mag * m).reshape(k, n)
+
+
+def power_error(w: np.ndarray, a: float, bits: int, nk: int = 1,
+                ncol: int | None = None) -> float:
+  """||w - w_hat||^2 in float64 for the power quantizer with exponent a."""
+  q, _, m = power_codes(w, a, bits, nk, ncol)
+  w_hat = power_decode(q, m, a, bits)
+  return float(np.sum((w.astype(np.float64) - w_hat.astype(np.float64)) ** 2))
+
+
+def uniform_rtn(w: np.ndarray, bits: int) -> np.ndarray:
+  """Plain symmetric round-to-nearest with one absmax scale per column."""
+  m = np.abs(w).max(axis=0, keepdims=True).astype(np.float32)
+  qm = np.float32(qmax(bits))
+  q = np.round(w / np.where(m > 0, m, 1) * qm)
+  return (q / qm * m).astype(np.float32)

@@ -1,0 +1,174 @@
+"""quantize: selection, structure, dtypes, bad input, purity."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+
+import pqjax
+
+
+def _params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+      'dense': {'kernel': rng.standard_normal((32, 16)).astype(np.float32),
+                'bias': rng.standard_normal(16).astype(np.float32)},
+      'conv': {'kernel': rng.standard_normal((3, 3, 4, 8)).astype(np.float32)},
+      'embed': jnp.asarray(rng.standard_normal((50, 16)), jnp.bfloat16),
+      'half': jnp.asarray(rng.standard_normal((16, 8)), jnp.float16),
+      'layers': [rng.standard_normal((8, 8)).astype(np.float32), None],
+      'step': np.int32(3),
+      'ids': np.arange(12, dtype=np.int32).reshape(3, 4),
+  }
+
+
+def test_default_selection_and_structure():
+  params = _params()
+  params_q, alphas = pqjax.quantize(params, 4)
+  def structure(tree):
+    return jax.tree_util.tree_structure(tree, is_leaf=lambda x: x is None)
+
+  assert structure(alphas) == structure(params)
+  assert isinstance(params_q['dense']['kernel'], pqjax.QArray)
+  assert isinstance(params_q['conv']['kernel'], pqjax.QArray)
+  assert isinstance(params_q['embed'], pqjax.QArray)
+  assert isinstance(params_q['layers'][0], pqjax.QArray)
+  assert params_q['layers'][1] is None
+  assert params_q['dense']['bias'] is params['dense']['bias']
+  assert params_q['ids'] is params['ids'] and params_q['step'] is params['step']
+  assert alphas['dense']['bias'] is None and alphas['ids'] is None
+  assert isinstance(alphas['conv']['kernel'], float)
+
+
+def test_decoded_tree_has_original_shapes_and_dtypes():
+  params = _params()
+  decoded = pqjax.dequantize(pqjax.quantize(params, 4)[0])
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(decoded)):
+    assert np.shape(a) == np.shape(b) and np.asarray(a).dtype == np.asarray(b).dtype
+
+
+def test_no_float_copy_in_quantized_leaves():
+  params_q, _ = pqjax.quantize(_params(), 4)
+  q = params_q['dense']['kernel']
+  assert q.codes.dtype == np.uint8 and q.codes.shape == (16, 16)  # 2 codes a byte
+  assert q.scale.shape == (1, 16) and q.table.shape == (15,)
+
+
+@pytest.mark.parametrize('granularity,scale_shape', [('tensor', (1, 1)),
+                                                     ('channel', (1, 16)), (8, (4, 16))])
+def test_granularity_sets_the_scale_blocks(granularity, scale_shape):
+  w = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+  params_q, alphas = pqjax.quantize({'w': w}, 4, granularity=granularity)
+  q = params_q['w']
+  assert q.scale.shape == scale_shape
+  nk, ncol = scale_shape
+  codes, _, m = ref.power_codes(w, alphas['w'], 4, nk, ncol)
+  np.testing.assert_array_equal(np.asarray(q.dequantize()),
+                                ref.power_decode(codes, m, alphas['w'], 4))
+
+
+def test_filter_chooses_leaves_by_path():
+  params = _params()
+  params_q, alphas = pqjax.quantize(
+      params, 8, filter=lambda path, leaf: path.startswith('dense/'))
+  assert isinstance(params_q['dense']['kernel'], pqjax.QArray)
+  assert isinstance(params_q['dense']['bias'], pqjax.QArray)  # 1-D forced in
+  assert params_q['conv']['kernel'] is params['conv']['kernel']
+  assert alphas['embed'] is None
+  np.testing.assert_allclose(np.asarray(params_q['dense']['bias'].dequantize()),
+                             params['dense']['bias'], atol=0.05)
+
+
+@pytest.mark.parametrize('bits', [1, 9, 0, -4, 4.0, '4', True, None])
+def test_bad_bits(bits):
+  with pytest.raises(ValueError, match='bits must be an integer in 2..8'):
+    pqjax.quantize(_params(), bits)
+
+
+@pytest.mark.parametrize('granularity', ['row', 0, -8, 2.5, True])
+def test_bad_granularity(granularity):
+  with pytest.raises(ValueError, match='granularity'):
+    pqjax.quantize(_params(), 4, granularity=granularity)
+
+
+@pytest.mark.parametrize('exponent', ['best', 0.0, -1.0, float('nan'), float('inf')])
+def test_bad_exponent(exponent):
+  with pytest.raises(ValueError, match='exponent'):
+    pqjax.quantize(_params(), 4, exponent=exponent)
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
+def test_non_finite_leaf_is_named(bad):
+  params = _params()
+  params['conv']['kernel'][1, 2, 3, 4] = bad
+  with pytest.raises(ValueError, match=r'conv/kernel: .*NaN or Inf'):
+    pqjax.quantize(params, 4)
+
+
+def test_non_float_leaf_forced_by_filter_is_named():
+  with pytest.raises(TypeError, match=r'ids: only floating arrays.*int32'):
+    pqjax.quantize(_params(), 4, filter=lambda path, leaf: path in ('ids', 'conv/kernel'))
+  with pytest.raises(TypeError, match='step'):
+    pqjax.quantize({'step': 3}, 4, filter=lambda path, leaf: True)
+
+
+def test_group_size_that_does_not_divide_k_is_named():
+  with pytest.raises(ValueError, match=r'conv/kernel: group size 5 does not divide K=36'):
+    pqjax.quantize({'conv': _params()['conv']}, 4, granularity=5)
+
+
+def test_all_zero_tensor_and_channel_decode_to_exact_zeros():
+  w = np.random.default_rng(0).standard_normal((16, 6)).astype(np.float32)
+  w[:, 2] = 0
+  for granularity in ('channel', 'tensor', 4):
+    for exponent in ('layer', 'global', 1.0):
+      params_q, alphas = pqjax.quantize({'w': w, 'z': np.zeros((8, 4), np.float32)}, 3,
+                                        granularity=granularity, exponent=exponent)
+      out = pqjax.dequantize(params_q)
+      assert np.all(np.isfinite(out['w'])) and np.all(out['w'][:, 2] == 0)
+      assert np.all(out['z'] == 0) and np.isfinite(alphas['z'])
+
+
+def test_empty_trees():
+  assert pqjax.quantize({}, 4) == ({}, {})
+  assert pqjax.quantize([], 4, exponent='global') == ([], [])
+  params = {'b': np.ones(3, np.float32)}
+  params_q, alphas = pqjax.quantize(params, 4, exponent='global')
+  assert params_q['b'] is params['b'] and alphas == {'b': None}
+
+
+def test_inputs_are_not_mutated_and_runs_are_bit_identical():
+  params = _params()
+  before = copy.deepcopy(params)
+  first = pqjax.quantize(params, 3, granularity=2)
+  second = pqjax.quantize(params, 3, granularity=2)
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(before)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert first[1] == second[1]
+  leaves = jax.tree_util.tree_leaves
+  for a, b in zip(leaves(first[0]), leaves(second[0])):
+    assert np.asarray(a).dtype == np.asarray(b).dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_quantized_tree_works_with_jax_tree_utilities():
+  params_q, _ = pqjax.quantize(_params(), 4)
+  q = params_q['dense']['kernel']
+  moved = jax.tree_util.tree_map(lambda x: x, params_q)
+  assert moved['dense']['kernel'].shape == q.shape
+  with pytest.raises(ValueError, match='codes shape'):
+    pqjax.QArray(codes=q.codes[:3], scale=q.scale, alpha=q.alpha, table=q.table,
+                 bits=4, shape=q.shape, dtype=q.dtype)
+  with pytest.raises(ValueError, match='does not tile'):
+    pqjax.QArray(codes=q.codes, scale=q.scale[:, :5], alpha=q.alpha, table=q.table,
+                 bits=4, shape=q.shape, dtype=q.dtype)
+
+
+def test_error_shrinks_with_bits():
+  w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+  errs = [float(np.sum((np.asarray(pqjax.dequantize(pqjax.quantize({'w': w}, b)[0])['w'])
+                        - w) ** 2)) for b in range(2, 9)]
+  assert all(e1 > e2 for e1, e2 in zip(errs, errs[1:]))
