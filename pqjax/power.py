@@ -88,9 +88,16 @@ def decode(q: jax.Array, scale: jax.Array, table: jax.Array, bits: int) -> jax.A
   return jnp.take(table, q + qmax(bits), axis=0) * scale
 
 
-def block_error(x: jax.Array, scale: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
-  """``||w - w_hat||^2`` of one layer from its normalised magnitudes and scales."""
-  xhat = decode_magnitude(encode_magnitude(x, alpha, bits), alpha, bits)
+def block_error(x: jax.Array, log_x: jax.Array, scale: jax.Array, alpha: jax.Array,
+                bits: int) -> jax.Array:
+  """``||w - w_hat||^2`` of one layer from its normalised magnitudes and scales.
+
+  ``log_x`` is ``log(x)``, computed once by the caller: the search evaluates this
+  many times, and ``exp(a log x)`` costs half of ``pow(x, a)``.
+  """
+  qm = qmax(bits)
+  k = jnp.clip(jnp.round(qm * jnp.exp(alpha * log_x)), 0, qm)
+  xhat = jnp.exp(jnp.log(k / qm) / alpha)
   per_block = jnp.sum(jnp.square(x - xhat), axis=1, keepdims=True)
   return jnp.sum(per_block * jnp.square(scale))
 

@@ -178,7 +178,8 @@ def _prepare_stack(stack: jax.Array, nk: int, ncol: int
 def _exact_errors(x: jax.Array, scale: jax.Array, bits: int
                   ) -> Callable[[jax.Array], jax.Array]:
   err = jax.vmap(functools.partial(power.block_error, bits=bits))
-  return lambda a: err(x, scale, a)
+  log_x = jnp.log(x)
+  return lambda a: err(x, log_x, scale, a)
 
 
 @functools.partial(jax.jit, static_argnames=('nk', 'ncol', 'bits', 'config'))
