@@ -59,10 +59,14 @@ def encode_magnitude(x: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
   return jnp.clip(jnp.round(y), 0, qm).astype(jnp.int32)
 
 
-def decode_magnitude(k: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
-  """Normalised magnitudes ``(k / qmax) ** (1 / alpha)`` of code magnitudes ``k``."""
+def decode_magnitude(k: jax.Array, alpha: jax.Array, bits: int, offset: float = 0.0
+                     ) -> jax.Array:
+  """Normalised magnitudes ``((k + offset) / qmax) ** (1 / alpha)`` of codes ``k``.
+
+  ``offset=-0.5`` gives the rounding threshold below code ``k``.
+  """
   qm = qmax(bits)
-  return jnp.power(k.astype(jnp.float32) / qm, 1.0 / alpha)
+  return jnp.power((k.astype(jnp.float32) + offset) / qm, 1.0 / alpha)
 
 
 def encode(w3: jax.Array, scale: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:

@@ -51,9 +51,25 @@ def _select(flat: Sequence[tuple[Any, Any]], filter: tree.Filter | None
   return chosen
 
 
-def _check_finite(name: str, leaf: Any) -> None:
-  if not bool(jnp.all(jnp.isfinite(leaf))):
-    raise ValueError(f'{name}: leaf of shape {tuple(leaf.shape)} holds NaN or Inf')
+def _refine(alphas: jax.Array, leaves: list[tuple[Any, ...]],
+            blocks: list[tree.Blocks], shared: bool, bits: int,
+            config: search.SearchConfig) -> jax.Array:
+  """Exact refinement of the exponents of the small layers (all, if ``shared``)."""
+  sizes = [b.k * b.n for b in blocks]
+  if shared:
+    small = list(range(len(blocks))) if search.needs_refine(
+        sum(s * len(g) for s, g in zip(sizes, leaves)), config) else []
+  else:
+    small = [i for i, s in enumerate(sizes) if search.needs_refine(s, config)]
+  if not small:
+    return alphas
+  offsets = np.cumsum([0] + [len(g) for g in leaves])
+  index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in small])
+  refined = search.refine_layers(
+      tuple(leaves[i] for i in small), alphas[index],
+      views=tuple((blocks[i].k, blocks[i].n, blocks[i].nk, blocks[i].ncol)
+                  for i in small), bits=bits, config=config, shared=shared)
+  return alphas.at[index].set(refined)
 
 
 def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'channel',
@@ -91,34 +107,37 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
   groups: dict[tree.Blocks, list[tuple[int, str, Any]]] = {}
   for i, name, leaf in chosen:
     blocks = tree.blocks_for(name, tuple(leaf.shape), granularity)
-    _check_finite(name, leaf)
     groups.setdefault(blocks, []).append((i, name, leaf))
 
-  stacks = {b: jnp.stack([jnp.asarray(leaf, jnp.float32).reshape(b.k, b.n)
-                          for _, _, leaf in members])
-            for b, members in groups.items()}
+  members = list(groups.values())
+  leaves = [tuple(leaf for _, _, leaf in m) for m in members]
+  views = {b: dict(k=b.k, n=b.n, nk=b.nk, ncol=b.ncol) for b in groups}
+  stats = [search.group_stats(g, bins=search_config.bins, **views[b])
+           for g, b in zip(leaves, groups)]
+  for (finite, _), m in zip(stats, members):
+    for ok, (_, name, leaf) in zip(np.asarray(finite), m):
+      if not ok:
+        raise ValueError(f'{name}: leaf of shape {tuple(leaf.shape)} holds NaN or Inf')
 
-  if exponent == 'layer':
-    alphas = {b: search.search_layers(s, nk=b.nk, ncol=b.ncol, bits=bits,
-                                      config=search_config)
-              for b, s in stacks.items()}
+  sizes = [len(m) for m in members]
+  if not groups:
+    alphas = jnp.zeros((0,), jnp.float32)
+  elif exponent in ('layer', 'global'):
+    shared = exponent == 'global'
+    alphas = search.search_stats(jnp.concatenate([s for _, s in stats]), bits=bits,
+                                 config=search_config, shared=shared)
+    alphas = _refine(alphas, leaves, list(groups), shared, bits, search_config)
   else:
-    if exponent == 'global':
-      value = (search.search_global(
-          tuple(stacks.values()), blocks=tuple((b.nk, b.ncol) for b in stacks),
-          bits=bits, config=search_config) if stacks else jnp.float32(1))
-    else:
-      value = jnp.float32(exponent)
-    alphas = {b: jnp.full((s.shape[0],), value, jnp.float32) for b, s in stacks.items()}
+    alphas = jnp.full((sum(sizes),), exponent, jnp.float32)
 
+  offsets = np.cumsum([0] + sizes)
+  host_alphas = np.asarray(alphas)
   out = [leaf for _, leaf in flat]
   alpha_out: list[float | None] = [None] * len(flat)
-  for b, members in groups.items():
-    codes, scales = search.encode_layers(stacks[b], alphas[b], nk=b.nk, ncol=b.ncol,
-                                         bits=bits)
-    host_alphas = np.asarray(alphas[b])
-    for j, (i, _, leaf) in enumerate(members):
-      alpha = host_alphas[j]
+  for g, b, m, o in zip(leaves, groups, members, offsets):
+    codes, scales = search.encode_layers(g, alphas[o:o + len(m)], bits=bits, **views[b])
+    for j, (i, _, leaf) in enumerate(m):
+      alpha = host_alphas[o + j]
       out[i] = QArray(codes=codes[j], scale=scales[j], alpha=jnp.float32(alpha),
                       table=jnp.asarray(power.decode_table(alpha, bits)), bits=bits,
                       shape=tuple(leaf.shape), dtype=np.dtype(leaf.dtype))

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pqjax import power
 
@@ -44,6 +45,10 @@ class SearchConfig:
       error, in which the exact error is minimised.
     refine_iters: golden-section steps on the exact error (each one a pass over
       the weights); 14 steps narrow ``2 refine_width`` to about 1e-4.
+    refine_below: only layers with fewer weights than this get the exact
+      refinement. Binning misplaces at most a few weights per rounding threshold,
+      which matters in a small layer; in larger ones the binned error is within
+      about 1e-4 of the exact one and the refinement would only cost time.
     bins: bins of the statistics.
   """
 
@@ -53,6 +58,7 @@ class SearchConfig:
   iters: int = 24
   refine_width: float = 0.05
   refine_iters: int = 14
+  refine_below: int = 2 ** 17
   bins: int = 4096
 
   def __post_init__(self):
@@ -104,11 +110,9 @@ def minimise(f: Callable[[jax.Array], jax.Array], shape: tuple[int, ...],
   return jnp.where(e_gs <= e_grid, a_gs, a_grid)
 
 
-def refine(f: Callable[[jax.Array], jax.Array], a0: jax.Array, config: SearchConfig
-           ) -> jax.Array:
+def golden_refine(f: Callable[[jax.Array], jax.Array], a0: jax.Array,
+                  config: SearchConfig) -> jax.Array:
   """Golden-section on the exact error ``f`` around ``a0``; never worse than ``a0``."""
-  if config.refine_iters == 0:
-    return a0
   lo = jnp.maximum(a0 - config.refine_width, config.lo)
   hi = jnp.minimum(a0 + config.refine_width, config.hi)
   a, e = golden(f, lo, hi, config.refine_iters)
@@ -160,14 +164,32 @@ def layer_stats(stack: jax.Array, *, nk: int, ncol: int, bins: int = BINS) -> ja
   return _stats(*_prepare_stack(stack, nk, ncol), bins)
 
 
+def bin_edges(bins: int = BINS) -> jax.Array:
+  return jnp.square(jnp.square(jnp.arange(bins + 1, dtype=jnp.float32) / bins))
+
+
 def stats_error(stats: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
-  """Reconstruction error of each layer from its binned statistics: ``(L,)``."""
-  c = bin_centres(stats.shape[1])
+  """Reconstruction error of each layer from its binned statistics: ``(L,)``.
+
+  A bin whose two edges round to different codes straddles a threshold ``t``: its
+  mass above ``t`` goes to the upper level. That share is taken from a uniform
+  density inside the bin, which leaves an error of second order in the bin width.
+  """
+  bins = stats.shape[1]
+  edges = bin_edges(bins)
+  lo, hi = edges[:-1], edges[1:]
   a = alpha[:, None]
-  level = power.decode_magnitude(power.encode_magnitude(c[None, :], a, bits), a, bits)
-  d = c[None, :] - level
+  k = power.encode_magnitude(edges[None, :], a, bits)
+  k_lo, k_hi = k[:, :-1], k[:, 1:]
+  l_lo = power.decode_magnitude(k_lo, a, bits)
+  l_hi = power.decode_magnitude(k_hi, a, bits)
   w0, w1, w2 = stats[..., 0], stats[..., 1], stats[..., 2]
-  return jnp.sum(w2 + 2 * d * w1 + d * d * w0, axis=-1)
+  d = bin_centres(bins) - l_lo
+  whole = w2 + 2 * d * w1 + d * d * w0
+  t = jnp.clip(power.decode_magnitude(k_hi, a, bits, offset=-0.5), lo, hi)
+  density = w0 / (hi - lo)
+  moved = density * (l_lo - l_hi) * ((hi * hi - t * t) - (l_lo + l_hi) * (hi - t))
+  return jnp.sum(whole + jnp.where(k_hi > k_lo, moved, 0.0), axis=-1)
 
 
 def _prepare_stack(stack: jax.Array, nk: int, ncol: int
@@ -182,46 +204,82 @@ def _exact_errors(x: jax.Array, scale: jax.Array, bits: int
   return lambda a: err(x, log_x, scale, a)
 
 
-@functools.partial(jax.jit, static_argnames=('nk', 'ncol', 'bits', 'config'))
-def search_layers(stack: jax.Array, *, nk: int, ncol: int, bits: int,
-                  config: SearchConfig) -> jax.Array:
-  """Exponent of each layer of a ``(L, K, N)`` stack: shape ``(L,)``.
+def _stack(leaves: Sequence[jax.Array], k: int, n: int) -> jax.Array:
+  return jnp.stack([jnp.asarray(w).astype(jnp.float32).reshape(k, n) for w in leaves])
 
-  The grid and the first golden-section run on binned statistics (one pass over
-  the weights); the exact error is then minimised in a narrow bracket.
+
+# The pipeline is split so that only light programs depend on a layer's shape:
+# statistics and encoding (one pass over the weights each) are compiled per shape,
+# the search itself once for all layers of the tree, on their concatenated stats.
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'n', 'nk', 'ncol', 'bins'))
+def group_stats(leaves: Sequence[jax.Array], *, k: int, n: int, nk: int, ncol: int,
+                bins: int = BINS) -> tuple[jax.Array, jax.Array]:
+  """Whether each layer is finite ``(L,)`` and its binned stats ``(L, bins, 3)``."""
+  stack = _stack(leaves, k, n)
+  finite = jnp.all(jnp.isfinite(stack), axis=(1, 2))
+  return finite, _stats(*_prepare_stack(stack, nk, ncol), bins)
+
+
+@functools.partial(jax.jit, static_argnames=('bits', 'config', 'shared'))
+def search_stats(stats: jax.Array, *, bits: int, config: SearchConfig,
+                 shared: bool = False) -> jax.Array:
+  """Exponent of each layer from binned stats ``(L, bins, 3)``: shape ``(L,)``.
+
+  With ``shared``, one exponent minimising the summed error, repeated L times.
   """
-  x, scale = _prepare_stack(stack, nk, ncol)
-  stats = _stats(x, scale, config.bins)
-  a0 = minimise(lambda a: stats_error(stats, a, bits), (stack.shape[0],), config)
-  return refine(_exact_errors(x, scale, bits), a0, config)
+  n = stats.shape[0]
+  if shared:
+    a = minimise(lambda a: jnp.sum(stats_error(stats, jnp.full((n,), a), bits)), (),
+                 config)
+    return jnp.full((n,), a)
+  return minimise(lambda a: stats_error(stats, a, bits), (n,), config)
 
 
-@functools.partial(jax.jit, static_argnames=('blocks', 'bits', 'config'))
-def search_global(stacks: Sequence[jax.Array], *, blocks: Sequence[tuple[int, int]],
-                  bits: int, config: SearchConfig) -> jax.Array:
-  """One exponent for all layers of all stacks, minimising the summed error."""
-  prepared = [_prepare_stack(s, nk, ncol) for s, (nk, ncol) in zip(stacks, blocks)]
-  stats = jnp.concatenate([_stats(x, scale, config.bins) for x, scale in prepared])
-  a0 = minimise(
-      lambda a: jnp.sum(stats_error(stats, jnp.full((stats.shape[0],), a), bits)), (),
-      config)
+def needs_refine(size: int, config: SearchConfig) -> bool:
+  """Whether layers of ``size`` weights get the exact refinement."""
+  return config.refine_iters > 0 and size < config.refine_below
+
+
+@functools.partial(jax.jit, static_argnames=('views', 'bits', 'config', 'shared'))
+def refine_layers(groups: Sequence[Sequence[jax.Array]], alpha: jax.Array, *,
+                  views: Sequence[tuple[int, int, int, int]], bits: int,
+                  config: SearchConfig, shared: bool = False) -> jax.Array:
+  """Exact refinement of the exponents ``alpha`` (one per layer, groups in order).
+
+  ``views[i]`` is ``(K, N, nk, ncol)`` of group ``i``. With ``shared``, the summed
+  error of all layers is minimised over one exponent (``alpha`` all equal).
+  """
+  prepared = [_prepare_stack(_stack(g, k, n), nk, ncol)
+              for g, (k, n, nk, ncol) in zip(groups, views)]
   fs = [_exact_errors(x, scale, bits) for x, scale in prepared]
+  sizes = [x.shape[0] for x, _ in prepared]
+  offsets = np.cumsum([0] + sizes)
 
-  def total(a):
-    return sum(jnp.sum(f(jnp.full((x.shape[0],), a))) for f, (x, _) in zip(fs, prepared))
+  def per_layer(a):
+    return jnp.concatenate([f(a[o:o + s]) for f, o, s in zip(fs, offsets, sizes)])
 
-  return refine(total, a0, config)
+  if shared:
+    a = golden_refine(lambda a: jnp.sum(per_layer(jnp.full(alpha.shape, a))),
+                      alpha[0], config)
+    return jnp.full(alpha.shape, a)
+  return golden_refine(per_layer, alpha, config)
 
 
-@functools.partial(jax.jit, static_argnames=('nk', 'ncol', 'bits'))
-def encode_layers(stack: jax.Array, alpha: jax.Array, *, nk: int, ncol: int, bits: int
-                  ) -> tuple[jax.Array, jax.Array]:
-  """Packed codes ``(L, rows, N)`` and scales ``(L, nk, ncol)`` of a layer stack."""
+def _encode(w: jax.Array, alpha: jax.Array, nk: int, ncol: int, bits: int
+            ) -> tuple[jax.Array, jax.Array]:
+  w3 = power.block_view(w, nk)
+  scale = power.block_absmax(w3, ncol)
+  q = power.encode(w3, scale, alpha, bits).reshape(w.shape)
+  return power.pack(q, bits), scale[:, 0, :]
 
-  def one(w, a):
-    w3 = power.block_view(w, nk)
-    scale = power.block_absmax(w3, ncol)
-    q = power.encode(w3, scale, a, bits).reshape(w.shape)
-    return power.pack(q, bits), scale[:, 0, :]
 
-  return jax.vmap(one)(stack, alpha)
+@functools.partial(jax.jit, static_argnames=('k', 'n', 'nk', 'ncol', 'bits'))
+def encode_layers(leaves: Sequence[jax.Array], alpha: jax.Array, *, k: int, n: int,
+                  nk: int, ncol: int, bits: int
+                  ) -> tuple[list[jax.Array], list[jax.Array]]:
+  """Each layer's packed codes and ``(nk, ncol)`` scales, as separate buffers."""
+  codes, scales = jax.vmap(functools.partial(_encode, nk=nk, ncol=ncol, bits=bits))(
+      _stack(leaves, k, n), alpha)
+  return list(codes), list(scales)
