@@ -132,6 +132,8 @@ def prepare(w: jax.Array, nk: int, ncol: int) -> tuple[jax.Array, jax.Array]:
 # the first and second moments of x about the bin centre gives the error for any
 # exponent exactly, except for the few bins that straddle a rounding threshold:
 #   sum s (x - l)^2 = W2 + 2 (c - l) W1 + (c - l)^2 W0,  W_j = sum s (x - c)^j.
+# W2 does not depend on the exponent, so only W0 and W1 are kept: the binned error
+# is the exact one less a constant per layer, which leaves every argmin unchanged.
 # Moments about the centre, not raw moments, keep float32 free of cancellation.
 # Bins are uniform in x^(1/4): thresholds crowd near zero at small exponents.
 
@@ -152,15 +154,15 @@ def _stats(x: jax.Array, scale: jax.Array, bins: int) -> jax.Array:
   i = _bin_index(x, bins)
   d = x - bin_centres(bins)[i]
   layer = jnp.arange(x.shape[0], dtype=jnp.int32).reshape(-1, 1, 1, 1) * bins
-  data = jnp.stack([s, s * d, s * d * d], axis=-1).reshape(-1, 3)
+  data = jnp.stack([s, s * d], axis=-1).reshape(-1, 2)
   seg = (i + layer).reshape(-1)
   return jax.ops.segment_sum(data, seg, num_segments=x.shape[0] * bins).reshape(
-      x.shape[0], bins, 3)
+      x.shape[0], bins, 2)
 
 
 @functools.partial(jax.jit, static_argnames=('nk', 'ncol', 'bins'))
 def layer_stats(stack: jax.Array, *, nk: int, ncol: int, bins: int = BINS) -> jax.Array:
-  """Binned ``(W0, W1, W2)`` of each layer of a ``(L, K, N)`` stack: ``(L, bins, 3)``."""
+  """Binned ``(W0, W1)`` of each layer of a ``(L, K, N)`` stack: ``(L, bins, 2)``."""
   return _stats(*_prepare_stack(stack, nk, ncol), bins)
 
 
@@ -169,7 +171,7 @@ def bin_edges(bins: int = BINS) -> jax.Array:
 
 
 def stats_error(stats: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
-  """Reconstruction error of each layer from its binned statistics: ``(L,)``.
+  """Reconstruction error of each layer, less a constant, from binned stats: ``(L,)``.
 
   A bin whose two edges round to different codes straddles a threshold ``t``: its
   mass above ``t`` goes to the upper level. That share is taken from a uniform
@@ -183,9 +185,9 @@ def stats_error(stats: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
   k_lo, k_hi = k[:, :-1], k[:, 1:]
   l_lo = power.decode_magnitude(k_lo, a, bits)
   l_hi = power.decode_magnitude(k_hi, a, bits)
-  w0, w1, w2 = stats[..., 0], stats[..., 1], stats[..., 2]
+  w0, w1 = stats[..., 0], stats[..., 1]
   d = bin_centres(bins) - l_lo
-  whole = w2 + 2 * d * w1 + d * d * w0
+  whole = 2 * d * w1 + d * d * w0
   t = jnp.clip(power.decode_magnitude(k_hi, a, bits, offset=-0.5), lo, hi)
   density = w0 / (hi - lo)
   moved = density * (l_lo - l_hi) * ((hi * hi - t * t) - (l_lo + l_hi) * (hi - t))
@@ -216,16 +218,18 @@ def _stack(leaves: Sequence[jax.Array], k: int, n: int) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=('k', 'n', 'nk', 'ncol', 'bins'))
 def group_stats(leaves: Sequence[jax.Array], *, k: int, n: int, nk: int, ncol: int,
                 bins: int = BINS) -> tuple[jax.Array, jax.Array]:
-  """Whether each layer is finite ``(L,)`` and its binned stats ``(L, bins, 3)``."""
+  """Whether each layer is finite ``(L,)`` and its binned stats ``(L, bins, 2)``."""
   stack = _stack(leaves, k, n)
-  finite = jnp.all(jnp.isfinite(stack), axis=(1, 2))
-  return finite, _stats(*_prepare_stack(stack, nk, ncol), bins)
+  x, scale = _prepare_stack(stack, nk, ncol)
+  # NaN and Inf reach the block absmax, so the scales tell without another pass.
+  finite = jnp.all(jnp.isfinite(scale), axis=(1, 2, 3))
+  return finite, _stats(x, scale, bins)
 
 
 @functools.partial(jax.jit, static_argnames=('bits', 'config', 'shared'))
 def search_stats(stats: jax.Array, *, bits: int, config: SearchConfig,
                  shared: bool = False) -> jax.Array:
-  """Exponent of each layer from binned stats ``(L, bins, 3)``: shape ``(L,)``.
+  """Exponent of each layer from binned stats ``(L, bins, 2)``: shape ``(L,)``.
 
   With ``shared``, one exponent minimising the summed error, repeated L times.
   """
