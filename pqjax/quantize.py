@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,27 @@ def _select(flat: Sequence[tuple[Any, Any]], filter: tree.Filter | None
   return chosen
 
 
+PROGRESS_MIN_WEIGHTS = 50_000_000
+
+
+def _progress_bar(total: int, progress: bool | None) -> Any:
+  if progress is None:
+    progress = total >= 2 * PROGRESS_MIN_WEIGHTS and sys.stderr.isatty()
+  if not progress:
+    return None
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, desc='pqjax.quantize', unit='w', unit_scale=True,
+              leave=False)
+
+
+def _advance(bar: Any, result: Any, weights: int) -> None:
+  # Dispatch is asynchronous: wait for the group so the bar shows work done.
+  if bar is not None:
+    jax.block_until_ready(result)
+    bar.update(weights)
+
+
 def _refine(alphas: jax.Array, leaves: list[tuple[Any, ...]],
             blocks: list[tree.Blocks], shared: bool, bits: int,
             config: search.SearchConfig) -> jax.Array:
@@ -75,7 +97,7 @@ def _refine(alphas: jax.Array, leaves: list[tuple[Any, ...]],
 def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'channel',
              exponent: Exponent = 'layer', filter: tree.Filter | None = None,
              search_config: search.SearchConfig | None = None,
-             ) -> tuple[Any, Any]:
+             progress: bool | None = None) -> tuple[Any, Any]:
   """Quantizes the selected leaves of ``params`` with the power map.
 
   Args:
@@ -91,6 +113,8 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
       the ``/``-joined key path. Default: floating leaves with ndim >= 2.
     search_config: range and resolution of the exponent search (default
       :class:`SearchConfig`: exponents in [0.05, 2.0]).
+    progress: show a tqdm progress bar on stderr. Default: for trees of 50M weights
+      or more, when stderr is a terminal.
 
   Returns:
     ``(params_q, alphas)``: ``params`` with each selected leaf replaced by a
@@ -112,8 +136,12 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
   members = list(groups.values())
   leaves = [tuple(leaf for _, _, leaf in m) for m in members]
   views = {b: dict(k=b.k, n=b.n, nk=b.nk, ncol=b.ncol) for b in groups}
-  stats = [search.group_stats(g, bins=search_config.bins, **views[b])
-           for g, b in zip(leaves, groups)]
+  weights = [b.k * b.n * len(m) for b, m in zip(groups, members)]
+  bar = _progress_bar(2 * sum(weights), progress)
+  stats = []
+  for g, b, w in zip(leaves, groups, weights):
+    stats.append(search.group_stats(g, bins=search_config.bins, **views[b]))
+    _advance(bar, stats[-1], w)
   for (finite, _), m in zip(stats, members):
     for ok, (_, name, leaf) in zip(np.asarray(finite), m):
       if not ok:
@@ -136,11 +164,14 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
   alpha_out: list[float | None] = [None] * len(flat)
   for g, b, m, o in zip(leaves, groups, members, offsets):
     codes, scales = search.encode_layers(g, alphas[o:o + len(m)], bits=bits, **views[b])
+    _advance(bar, codes, b.k * b.n * len(m))
     for j, (i, _, leaf) in enumerate(m):
       alpha = host_alphas[o + j]
       out[i] = QArray(codes=codes[j], scale=scales[j], alpha=jnp.float32(alpha),
                       table=jnp.asarray(power.decode_table(alpha, bits)), bits=bits,
                       shape=tuple(leaf.shape), dtype=np.dtype(leaf.dtype))
       alpha_out[i] = float(alpha)
+  if bar is not None:
+    bar.close()
   return (jax.tree_util.tree_unflatten(treedef, out),
           jax.tree_util.tree_unflatten(treedef, alpha_out))

@@ -172,3 +172,12 @@ def test_error_shrinks_with_bits():
   errs = [float(np.sum((np.asarray(pqjax.dequantize(pqjax.quantize({'w': w}, b)[0])['w'])
                         - w) ** 2)) for b in range(2, 9)]
   assert all(e1 > e2 for e1, e2 in zip(errs, errs[1:]))
+
+
+def test_progress_bar_reports_every_weight(capsys):
+  params = {'a': np.ones((64, 32), np.float32), 'b': np.ones((3, 3, 8, 16), np.float32)}
+  pqjax.quantize(params, 4, progress=True)
+  err = capsys.readouterr().err
+  assert 'pqjax.quantize' in err and '6.40k/6.40k' in err  # 2 passes of 3200 weights
+  pqjax.quantize(params, 4)
+  assert capsys.readouterr().err == ''  # small tree: no bar by default
