@@ -3,7 +3,9 @@
 Each configuration runs in a fresh subprocess, so the cold time includes compilation
 and the peak resident memory is that configuration's own. Run:
 
-    .venv/bin/python benchmarks/speed.py [--skip-124m]
+    .venv/bin/python benchmarks/speed.py [--skip-large]
+
+qwix (an optional benchmark dependency: `pip install qwix`) is timed on MiniLM.
 
 Prints a table and writes benchmarks/results/speed.md.
 """
@@ -22,6 +24,9 @@ from pathlib import Path
 # 3072 x 768), token and position embeddings. 124M parameters with the 1-D leaves.
 GPT2_SMALL = ([(50257, 768), (1024, 768)]
               + [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12)
+# GPT-2 medium: 24 blocks of width 1024, 355M parameters.
+GPT2_MEDIUM = ([(50257, 1024), (1024, 1024)]
+               + [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)] * 24)
 
 _CHILD = r'''
 import functools, json, resource, sys, time
@@ -32,7 +37,8 @@ from pqjax import search, tree
 model, method = sys.argv[1], sys.argv[2]
 if model == 'minilm':
   from pqjax import minilm
-  params = minilm.load().params
+  loaded = minilm.load()
+  params = loaded.params
 else:
   shapes = json.loads(sys.argv[3])
   rng = np.random.default_rng(0)
@@ -58,8 +64,21 @@ def naive(params):
           for w in leaves]
 
 
+def qwix_rtn(params):
+  """qwix PTQ int4 per channel: round-to-nearest, no search, embeddings left float."""
+  import qwix
+  rules = [qwix.QuantizationRule(module_path='.*', weight_qtype='int4')]
+  qmodel = qwix.quantize_model(loaded.module, qwix.PtqProvider(rules))
+  ids = jnp.ones((1, 16), jnp.int32)
+  abstract = jax.eval_shape(lambda: qmodel.init(jax.random.key(0), ids, ids, ids))
+  return lambda: qwix.quantize_params(params, abstract['params'])
+
+
 run = {'pqjax': lambda: pqjax.quantize(params, 4),
-       'naive': lambda: naive(params)}[method]
+       'naive': lambda: naive(params),
+       'qwix': (lambda: qwix_rtn(params)) if method == 'qwix' else None}[method]
+if method == 'qwix':
+  run = run()
 times = []
 for _ in range(3 if method == 'pqjax' else 2):
   t = time.perf_counter()
@@ -80,16 +99,19 @@ def _run(model: str, method: str, shapes=None) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument('--skip-124m', action='store_true')
+  parser.add_argument('--skip-large', action='store_true',
+                      help='MiniLM only (skip the 124M and 355M trees)')
   args = parser.parse_args()
   import jax
 
   rows = []
-  models = [('MiniLM (real)', 'minilm', None)]
-  if not args.skip_124m:
-    models.append(('GPT-2-small shapes (Gaussian)', 'shapes', GPT2_SMALL))
-  for label, model, shapes in models:
-    for method in ('pqjax', 'naive'):
+  # The naive search is too slow to repeat on 355M weights; qwix needs the model.
+  runs = [('MiniLM (real)', 'minilm', None, ('pqjax', 'naive', 'qwix'))]
+  if not args.skip_large:
+    runs += [('GPT-2-small shapes (Gaussian)', 'shapes', GPT2_SMALL, ('pqjax', 'naive')),
+             ('GPT-2-medium shapes (Gaussian)', 'shapes', GPT2_MEDIUM, ('pqjax',))]
+  for label, model, shapes, methods in runs:
+    for method in methods:
       r = _run(model, method, shapes)
       rows.append((label, method, r))
       print(label, method, r, flush=True)
@@ -112,8 +134,13 @@ def main() -> None:
   lines.append('')
   for label in dict.fromkeys(r[0] for r in rows):
     t = {method: r for lab, method, r in rows if lab == label}
-    lines.append(f'{label}: pqjax is {t["naive"]["warm"] / t["pqjax"]["warm"]:.1f}x'
-                 ' faster than the naive exact search (warm, same run).')
+    if 'naive' in t:
+      lines.append(f'{label}: pqjax is {t["naive"]["warm"] / t["pqjax"]["warm"]:.1f}x'
+                   ' faster than the naive exact search (warm, same run).')
+  per_m = [r['warm'] / (r['params'] / 1e6) for _, method, r in rows if method == 'pqjax']
+  lines.append('pqjax warm seconds per million weights across trees: '
+               + ', '.join(f'{x:.4f}' for x in per_m)
+               + ' (linear scaling keeps these equal).')
   text = '\n'.join(lines) + '\n'
   print(text)
   out = Path(__file__).parent / 'results' / 'speed.md'
