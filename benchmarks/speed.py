@@ -18,7 +18,8 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
+
+from common import publish
 
 # GPT-2 small: 12 blocks of attention (768 x 2304, 768 x 768) and MLP (768 x 3072,
 # 3072 x 768), token and position embeddings. 124M parameters with the 1-D leaves.
@@ -141,10 +142,7 @@ def main() -> None:
   lines.append('pqjax warm seconds per million weights across trees: '
                + ', '.join(f'{x:.4f}' for x in per_m)
                + ' (linear scaling keeps these equal).')
-  text = '\n'.join(lines) + '\n'
-  print(text)
-  out = Path(__file__).parent / 'results' / 'speed.md'
-  out.write_text(text)
+  publish('speed', lines)
 
 
 if __name__ == '__main__':

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from pqjax import corpus, minilm, summary
+from pqjax import corpus, minilm, sizes
 from pqjax.apply import wrap
 from pqjax.qarray import QArray, is_qarray
 from pqjax.quantize import quantize
@@ -43,9 +43,9 @@ def _fidelity(label: str, model: minilm.MiniLM, params_q: Any, seconds: float,
   emb = minilm.embed_all(minilm.embed_fn(wrap(model.module.apply)), params_q, text)
   cos = minilm.cosines(reference, emb)
   return Fidelity(label=label, seconds=seconds,
-                  relative_error=summary.relative_error(model.params, params_q),
+                  relative_error=sizes.relative_error(model.params, params_q),
                   mean_cosine=float(cos.mean()), min_cosine=float(cos.min()),
-                  nbytes=summary.nbytes(params_q))
+                  nbytes=sizes.nbytes(params_q))
 
 
 def run(bits: int = 4, granularity: Any = 'channel', sentences: int = 512) -> Report:
@@ -71,7 +71,7 @@ def run(bits: int = 4, granularity: Any = 'channel', sentences: int = 512) -> Re
                jax.tree_util.tree_leaves_with_path(params_q, is_leaf=is_qarray)
                if isinstance(q, QArray)]
   return Report(bits=bits, granularity=granularity, sentences=sentences,
-                float_nbytes=summary.nbytes(model.params), exponents=exponents,
+                float_nbytes=sizes.nbytes(model.params), exponents=exponents,
                 rows=rows)
 
 

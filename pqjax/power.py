@@ -183,6 +183,40 @@ def unpack(packed: jax.Array, bits: int, k: int) -> jax.Array:
   return u.astype(jnp.int32) - qmax(bits)
 
 
+def byte_table(table: jax.Array, bits: int) -> jax.Array:
+  """Decoded levels of the codes in every byte value, ``(8 // bits, 256)``: 2, 4 bits.
+
+  Row ``j`` holds the level of the ``j``-th code of each byte, so decoding takes one
+  lookup a byte instead of a shift, a mask and a lookup for each code.
+  """
+  # Codes reach 2 ** bits - 1 = 2 qmax + 1, one past the table; no packed code holds
+  # it, so any level does.
+  padded = jnp.concatenate([table, table[-1:]])
+  byte = jnp.arange(256, dtype=jnp.int32)
+  mask = (1 << bits) - 1
+  # One 1-D lookup per position, stacked: XLA:CPU fuses this into faster code than a
+  # single lookup with a 2-D index (measured: 1.5x on MiniLM's kernels).
+  return jnp.stack([padded[(byte >> (j * bits)) & mask] for j in range(8 // bits)])
+
+
+def decode_packed(packed: jax.Array, scale: jax.Array, table: jax.Array, bits: int,
+                  k: int) -> jax.Array:
+  """Float32 ``(k, N)`` from packed codes and ``(nk, 1, ncol)`` block scales.
+
+  Equal to ``decode(unpack(packed, bits, k))`` bit for bit. At 2 and 4 bits it looks
+  up whole bytes in :func:`byte_table`: XLA's CPU code is then close to the cost of
+  writing the float32 result, which bounds the decoding speed.
+  """
+  n = packed.shape[-1]
+  if bits in (2, 4):
+    levels = jnp.take(byte_table(table, bits), packed.astype(jnp.int32), axis=1)
+    levels = levels.transpose(1, 0, 2).reshape(-1, n)[:k]
+  else:
+    levels = jnp.take(table, unpack(packed, bits, k) + qmax(bits), axis=0)
+  nk = scale.shape[0]
+  return (levels.reshape(nk, k // nk, n) * scale).reshape(k, n)
+
+
 def packed_dtype(bits: int) -> np.dtype:
   """Storage dtype of packed codes."""
   return np.dtype(np.uint8) if bits in PACKED_BITS else np.dtype(np.int8)

@@ -95,10 +95,8 @@ class QArray:
 
   def dequantize(self) -> jax.Array:
     """Decodes to an array of the original shape and dtype."""
-    k, n = matrix_shape(self.shape)
-    nk = self.scale.shape[0]
-    q = power.unpack(self.codes, self.bits, k).reshape(nk, k // nk, n)
-    w = power.decode(q, self.scale[:, None, :], self.table, self.bits)
+    k, _ = matrix_shape(self.shape)
+    w = power.decode_packed(self.codes, self.scale[:, None, :], self.table, self.bits, k)
     return w.reshape(self.shape).astype(self.dtype)
 
   def __repr__(self) -> str:

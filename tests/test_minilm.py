@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import pqjax
-from pqjax import corpus, minilm, summary
+from pqjax import corpus, minilm, sizes
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +45,12 @@ def test_every_matrix_is_quantized(model, power_q):
 
 
 def test_reconstruction_error_is_at_most_0p7_of_uniform(model, power_q, uniform_q):
-  power_err = summary.relative_error(model.params, power_q[0])
-  uniform_err = summary.relative_error(model.params, uniform_q[0])
+  power_err = sizes.relative_error(model.params, power_q[0])
+  uniform_err = sizes.relative_error(model.params, uniform_q[0])
   # Independent check of the helper on one leaf.
   w = np.asarray(model.params['pooler']['dense']['kernel'])
   w_hat = np.asarray(power_q[0]['pooler']['dense']['kernel'].dequantize())
-  assert summary.relative_error({'k': w}, {'k': power_q[0]['pooler']['dense']['kernel']}
+  assert sizes.relative_error({'k': w}, {'k': power_q[0]['pooler']['dense']['kernel']}
                                 ) == pytest.approx(np.sum((w - w_hat) ** 2)
                                                    / np.sum(w ** 2), rel=1e-5)
   assert power_err <= 0.7 * uniform_err, (power_err, uniform_err)
@@ -73,5 +73,5 @@ def test_wrapped_jit_equals_apply_on_dequantized_params(model, text, power_q):
 
 
 def test_quantized_model_is_small(model, power_q):
-  assert summary.nbytes(power_q[0]) <= 12.5e6
-  assert summary.nbytes(model.params) > 90e6
+  assert sizes.nbytes(power_q[0]) <= 12.5e6
+  assert sizes.nbytes(model.params) > 90e6

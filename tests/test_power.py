@@ -1,5 +1,6 @@
 """The operator against an independent NumPy implementation of the formula."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -96,3 +97,19 @@ def test_pack_layout_and_round_trip(bits, k):
     assert packed.dtype == np.int8
     np.testing.assert_array_equal(packed, q)
   np.testing.assert_array_equal(np.asarray(power.unpack(jnp.asarray(packed), bits, k)), q)
+
+
+@pytest.mark.parametrize('bits', [2, 3, 4, 5, 8])
+@pytest.mark.parametrize('k, nk, ncol', [(13, 1, 5), (16, 1, 1), (24, 3, 5), (1, 1, 5)])
+def test_decode_packed_matches_the_numpy_formula(bits, k, nk, ncol):
+  rng = np.random.default_rng(bits * 100 + k)
+  qm = ref.qmax(bits)
+  q = rng.integers(-qm, qm + 1, size=(k, 5)).astype(np.int32)
+  m = rng.uniform(0.1, 2.0, size=(nk, 1, ncol)).astype(np.float32)
+  want = ref.power_decode(q, m, 0.63, bits)
+  packed = jnp.asarray(_numpy_pack(q, bits) if bits in (2, 3, 4) else q.astype(np.int8))
+  table = jnp.asarray(power.decode_table(0.63, bits))
+  for fn in (power.decode_packed, jax.jit(power.decode_packed, static_argnums=(3, 4))):
+    got = np.asarray(fn(packed, jnp.asarray(m), table, bits, k))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)  # bit for bit
