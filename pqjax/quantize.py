@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
@@ -89,8 +90,8 @@ def _refine(alphas: jax.Array, leaves: list[tuple[Any, ...]],
   index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in small])
   refined = search.refine_layers(
       tuple(leaves[i] for i in small), alphas[index],
-      views=tuple((blocks[i].k, blocks[i].n, blocks[i].nk, blocks[i].ncol)
-                  for i in small), bits=bits, config=config, shared=shared)
+      views=tuple(dataclasses.astuple(blocks[i]) for i in small), bits=bits,
+      config=config, shared=shared)
   return alphas.at[index].set(refined)
 
 
@@ -135,14 +136,13 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
 
   members = list(groups.values())
   leaves = [tuple(leaf for _, _, leaf in m) for m in members]
-  views = {b: dict(k=b.k, n=b.n, nk=b.nk, ncol=b.ncol) for b in groups}
   weights = [b.k * b.n * len(m) for b, m in zip(groups, members)]
   bar = _progress_bar(2 * sum(weights), progress)
   stats = []
   for g, b, w in zip(leaves, groups, weights):
-    stats.append(search.group_stats(g, bins=search_config.bins, **views[b]))
+    stats.append(search.group_stats(g, bins=search_config.bins, **dataclasses.asdict(b)))
     _advance(bar, stats[-1], w)
-  for (finite, _), m in zip(stats, members):
+  for (finite, _, _), m in zip(stats, members):
     for ok, (_, name, leaf) in zip(np.asarray(finite), m):
       if not ok:
         raise ValueError(f'{name}: leaf of shape {tuple(leaf.shape)} holds NaN or Inf')
@@ -152,7 +152,7 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
     alphas = jnp.zeros((0,), jnp.float32)
   elif exponent in ('layer', 'global'):
     shared = exponent == 'global'
-    alphas = search.search_stats(jnp.concatenate([s for _, s in stats]), bits=bits,
+    alphas = search.search_stats(jnp.concatenate([s for _, _, s in stats]), bits=bits,
                                  config=search_config, shared=shared)
     alphas = _refine(alphas, leaves, list(groups), shared, bits, search_config)
   else:
@@ -162,9 +162,11 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
   host_alphas = np.asarray(alphas)
   out = [leaf for _, leaf in flat]
   alpha_out: list[float | None] = [None] * len(flat)
-  for g, b, m, o in zip(leaves, groups, members, offsets):
-    codes, scales = search.encode_layers(g, alphas[o:o + len(m)], bits=bits, **views[b])
-    _advance(bar, codes, b.k * b.n * len(m))
+  for g, b, m, o, (_, scale, _), w in zip(leaves, groups, members, offsets, stats,
+                                         weights):
+    codes, scales = search.encode_layers(g, alphas[o:o + len(m)], scale, bits=bits, k=b.k,
+                                         n=b.n, nk=b.nk)
+    _advance(bar, codes, w)
     for j, (i, _, leaf) in enumerate(m):
       alpha = host_alphas[o + j]
       out[i] = QArray(codes=codes[j], scale=scales[j], alpha=jnp.float32(alpha),

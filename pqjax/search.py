@@ -1,16 +1,17 @@
-"""Exponent search: a coarse grid, golden-section, then an exact refinement.
+"""Exponent search: binned statistics, a coarse grid, golden-section, exact refinement.
 
 The reconstruction error ``E(a) = ||W - W_hat(a)||^2`` is locally convex with a single
 minimum for real weight distributions, but rounding makes it slightly ragged and a
-bracket far from the minimum can hold a shallow local one. A coarse grid picks the
-bracket around the best grid point and golden-section narrows it; both run on binned
-statistics of the layer, which give E for any exponent at a cost independent of the
-layer's size. A last golden-section on the exact error, in a narrow bracket around
-that optimum, removes what binning approximates. Each stage keeps the best point seen,
-so the search never returns worse than the grid.
+bracket far from the minimum can hold a shallow local one. One pass over each layer
+bins its normalised magnitudes; the binned statistics give E for any exponent at a
+cost independent of the layer's size. A coarse grid on them picks the bracket around
+the best grid point and golden-section narrows it, for all layers of the tree at once.
+Small layers, where binning can misplace a few weights at a threshold, then get a
+golden-section on the exact error in a narrow bracket. Each stage keeps the best point
+seen, so the search never returns worse than the grid.
 
-Everything runs inside ``jax.jit``, for a whole stack of equal-shape layers at once
-(``jax.vmap`` over the layer axis).
+Statistics and encoding are jitted per layer shape and batched over the layers of
+that shape (``jax.vmap``); the search is one jitted program for the whole tree.
 """
 
 from __future__ import annotations
@@ -140,8 +141,13 @@ def prepare(w: jax.Array, nk: int, ncol: int) -> tuple[jax.Array, jax.Array]:
 BINS = 4096
 
 
+def _centre(i: jax.Array, bins: int) -> jax.Array:
+  """Centre of bin ``i`` (the middle of the bin in ``x ** (1/4)``)."""
+  return jnp.square(jnp.square((i.astype(jnp.float32) + 0.5) / bins))
+
+
 def bin_centres(bins: int = BINS) -> jax.Array:
-  return jnp.square(jnp.square((jnp.arange(bins, dtype=jnp.float32) + 0.5) / bins))
+  return _centre(jnp.arange(bins), bins)
 
 
 def _bin_index(x: jax.Array, bins: int) -> jax.Array:
@@ -152,7 +158,7 @@ def _bin_index(x: jax.Array, bins: int) -> jax.Array:
 def _stats(x: jax.Array, scale: jax.Array, bins: int) -> jax.Array:
   s = jnp.broadcast_to(jnp.square(scale), x.shape)
   i = _bin_index(x, bins)
-  d = x - jnp.square(jnp.square((i.astype(jnp.float32) + 0.5) / bins))  # no gather
+  d = x - _centre(i, bins)  # computed, not gathered from bin_centres
   layer = jnp.arange(x.shape[0], dtype=jnp.int32).reshape(-1, 1, 1, 1) * bins
   # One complex scatter-add carries both moments: on CPU it costs much less than
   # a scatter of pairs.
@@ -160,12 +166,6 @@ def _stats(x: jax.Array, scale: jax.Array, bins: int) -> jax.Array:
   seg = (i + layer).reshape(-1)
   sums = jax.ops.segment_sum(data, seg, num_segments=x.shape[0] * bins)
   return jnp.stack([sums.real, sums.imag], axis=-1).reshape(x.shape[0], bins, 2)
-
-
-@functools.partial(jax.jit, static_argnames=('nk', 'ncol', 'bins'))
-def layer_stats(stack: jax.Array, *, nk: int, ncol: int, bins: int = BINS) -> jax.Array:
-  """Binned ``(W0, W1)`` of each layer of a ``(L, K, N)`` stack: ``(L, bins, 2)``."""
-  return _stats(*_prepare_stack(stack, nk, ncol), bins)
 
 
 def bin_edges(bins: int = BINS) -> jax.Array:
@@ -219,13 +219,13 @@ def _stack(leaves: Sequence[jax.Array], k: int, n: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=('k', 'n', 'nk', 'ncol', 'bins'))
 def group_stats(leaves: Sequence[jax.Array], *, k: int, n: int, nk: int, ncol: int,
-                bins: int = BINS) -> tuple[jax.Array, jax.Array]:
-  """Whether each layer is finite ``(L,)`` and its binned stats ``(L, bins, 2)``."""
+                bins: int = BINS) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Finiteness ``(L,)``, block scales ``(L, nk, 1, ncol)`` and stats ``(L, bins, 2)``."""
   stack = _stack(leaves, k, n)
   x, scale = _prepare_stack(stack, nk, ncol)
   # NaN and Inf reach the block absmax, so the scales tell without another pass.
   finite = jnp.all(jnp.isfinite(scale), axis=(1, 2, 3))
-  return finite, _stats(x, scale, bins)
+  return finite, scale, _stats(x, scale, bins)
 
 
 @functools.partial(jax.jit, static_argnames=('bits', 'config', 'shared'))
@@ -273,19 +273,21 @@ def refine_layers(groups: Sequence[Sequence[jax.Array]], alpha: jax.Array, *,
   return golden_refine(per_layer, alpha, config)
 
 
-def _encode(w: jax.Array, alpha: jax.Array, nk: int, ncol: int, bits: int
+def _encode(w: jax.Array, alpha: jax.Array, scale: jax.Array, nk: int, bits: int
             ) -> tuple[jax.Array, jax.Array]:
-  w3 = power.block_view(w, nk)
-  scale = power.block_absmax(w3, ncol)
-  q = power.encode(w3, scale, alpha, bits).reshape(w.shape)
+  q = power.encode(power.block_view(w, nk), scale, alpha, bits).reshape(w.shape)
   return power.pack(q, bits), scale[:, 0, :]
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'n', 'nk', 'ncol', 'bits'))
-def encode_layers(leaves: Sequence[jax.Array], alpha: jax.Array, *, k: int, n: int,
-                  nk: int, ncol: int, bits: int
+@functools.partial(jax.jit, static_argnames=('k', 'n', 'nk', 'bits'))
+def encode_layers(leaves: Sequence[jax.Array], alpha: jax.Array, scale: jax.Array, *,
+                  k: int, n: int, nk: int, bits: int
                   ) -> tuple[list[jax.Array], list[jax.Array]]:
-  """Each layer's packed codes and ``(nk, ncol)`` scales, as separate buffers."""
-  codes, scales = jax.vmap(functools.partial(_encode, nk=nk, ncol=ncol, bits=bits))(
-      _stack(leaves, k, n), alpha)
+  """Each layer's packed codes and ``(nk, ncol)`` scales, as separate buffers.
+
+  ``scale`` is :func:`group_stats`' ``(L, nk, 1, ncol)``, so the absmax pass is not
+  repeated.
+  """
+  codes, scales = jax.vmap(functools.partial(_encode, nk=nk, bits=bits))(
+      _stack(leaves, k, n), alpha, scale)
   return list(codes), list(scales)
