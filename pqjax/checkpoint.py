@@ -34,14 +34,13 @@ import ml_dtypes
 import numpy as np
 
 from pqjax import power
-from pqjax.qarray import QArray, contains_qarray
+from pqjax.qarray import DATA_FIELDS, QArray, contains_qarray, is_array
 from pqjax.tree import path_str
 
 FORMAT = 'pqjax'
 FORMAT_VERSION = 1
 METADATA_FILE = 'pqjax.json'
 ARRAYS_DIR = 'arrays'
-QARRAY_FIELDS = ('codes', 'scale', 'alpha', 'table')
 
 PathLike = str | os.PathLike
 
@@ -83,10 +82,6 @@ def parse_dtype(name: Any) -> np.dtype:
   return dtype
 
 
-def _is_array(x: Any) -> bool:
-  return hasattr(x, 'shape') and hasattr(x, 'dtype')
-
-
 # --- tree <-> (spec, tensors) -------------------------------------------------------
 
 
@@ -126,7 +121,7 @@ def _encode(node: Any, path: tuple[Any, ...], flat: _Flat) -> dict[str, Any]:
     return {'type': 'none'}
   if isinstance(node, QArray):
     fields = {f: flat.add(f'{path_str(path)}.{f}', getattr(node, f))
-              for f in QARRAY_FIELDS}
+              for f in DATA_FIELDS}
     return {'type': 'qarray', 'bits': node.bits, 'shape': list(node.shape),
             'dtype': dtype_name(node.dtype), 'fields': fields}
   if type(node) is dict or _is_frozen_dict(node):
@@ -140,7 +135,7 @@ def _encode(node: Any, path: tuple[Any, ...], flat: _Flat) -> dict[str, Any]:
     return {'type': type(node).__name__,
             'values': [_encode(v, (*path, jax.tree_util.SequenceKey(i)), flat)
                        for i, v in enumerate(node)]}
-  if _is_array(node):
+  if is_array(node):
     if np.dtype(node.dtype).kind not in 'biufcV':
       raise TypeError(f'{path_str(path)}: arrays of dtype {node.dtype} cannot be saved')
     return {'type': 'array', **flat.add(path_str(path), node)}
@@ -210,7 +205,7 @@ def _decode(spec: dict[str, Any], tensors: dict[str, Any], used: set[str],
     if type(bits) is not int or not power.MIN_BITS <= bits <= power.MAX_BITS:
       raise ValueError(f'bad bits {bits!r}')
     fields = {f: convert(_tensor(spec['fields'][f], tensors, used))
-              for f in QARRAY_FIELDS}
+              for f in DATA_FIELDS}
     return QArray(**fields, bits=bits, shape=tuple(int(d) for d in spec['shape']),
                   dtype=parse_dtype(spec['dtype']))
   raise ValueError(f'unknown node type {kind!r}')
@@ -554,7 +549,7 @@ def _refs(spec: Any) -> Iterator[dict[str, Any]]:
   if kind == 'array':
     yield spec
   elif kind == 'qarray':
-    for f in QARRAY_FIELDS:
+    for f in DATA_FIELDS:
       yield spec.get('fields', {}).get(f, {})
   else:
     for v in spec.get('values', []):

@@ -18,7 +18,8 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
   return math.prod(shape[:-1]), shape[-1]
 
 
-def _is_array(x: object) -> bool:
+def is_array(x: object) -> bool:
+  """Whether ``x`` is array-like: a JAX or NumPy array, a tracer or a shape struct."""
   return hasattr(x, 'shape') and hasattr(x, 'dtype')
 
 
@@ -49,7 +50,7 @@ class QArray:
 
   def __post_init__(self):
     # Pytree utilities rebuild nodes with placeholder leaves; validate arrays only.
-    if not (_is_array(self.codes) and _is_array(self.scale)):
+    if not (is_array(self.codes) and is_array(self.scale)):
       return
     k, n = matrix_shape(self.shape)
     want = (power.packed_rows(k, self.bits), n)
@@ -67,10 +68,10 @@ class QArray:
     if nk < 1 or k % nk or ncol not in (1, n):
       raise ValueError(
           f'scale shape {tuple(self.scale.shape)} does not tile a ({k}, {n}) matrix')
-    if _is_array(self.alpha) and tuple(self.alpha.shape) != ():
+    if is_array(self.alpha) and tuple(self.alpha.shape) != ():
       raise ValueError(f'alpha must be a scalar, got shape {tuple(self.alpha.shape)}')
     levels = 2 * power.qmax(self.bits) + 1
-    if _is_array(self.table) and tuple(self.table.shape) != (levels,):
+    if is_array(self.table) and tuple(self.table.shape) != (levels,):
       raise ValueError(
           f'table shape {tuple(self.table.shape)} is not ({levels},) at {self.bits} bits')
 
@@ -104,9 +105,11 @@ class QArray:
             f' bits={self.bits}, blocks={tuple(self.scale.shape)})')
 
 
+# The array fields, in pytree order; checkpoints store one tensor for each.
+DATA_FIELDS = ('codes', 'scale', 'alpha', 'table')
+
 jax.tree_util.register_dataclass(
-    QArray, data_fields=['codes', 'scale', 'alpha', 'table'],
-    meta_fields=['bits', 'shape', 'dtype'])
+    QArray, data_fields=list(DATA_FIELDS), meta_fields=['bits', 'shape', 'dtype'])
 
 
 def is_qarray(x: object) -> bool:

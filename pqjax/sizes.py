@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pqjax.qarray import QArray, is_qarray, matrix_shape
+from pqjax.qarray import QArray, is_array, is_qarray, matrix_shape
 from pqjax.tree import is_float_array, path_str
 
 
@@ -17,7 +17,7 @@ def leaf_nbytes(x: Any) -> int:
   """Bytes a leaf really occupies (a QArray: its codes, scales and exponent)."""
   if isinstance(x, QArray):
     return x.nbytes
-  if hasattr(x, 'shape') and hasattr(x, 'dtype'):
+  if is_array(x):
     return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
   return 0
 
@@ -156,7 +156,7 @@ def summary(tree: Any) -> Summary:
     elif is_float_array(x):
       float_leaves += 1
       float_bytes += leaf_nbytes(x)
-    elif hasattr(x, 'shape') and hasattr(x, 'dtype'):
+    elif is_array(x):
       other_leaves += 1
       other_bytes += leaf_nbytes(x)
   return Summary(leaves=tuple(leaves), float_leaves=float_leaves,

@@ -9,7 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from pqjax.qarray import matrix_shape
+from pqjax.qarray import is_array, matrix_shape
 
 Filter = Callable[[str, Any], bool]
 
@@ -28,8 +28,7 @@ def path_str(path: tuple[Any, ...]) -> str:
 
 
 def is_float_array(x: Any) -> bool:
-  return (hasattr(x, 'shape') and hasattr(x, 'dtype')
-          and jnp.issubdtype(x.dtype, jnp.floating))
+  return is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def default_filter(path: str, leaf: Any) -> bool:
