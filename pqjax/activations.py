@@ -53,7 +53,8 @@ LAYOUT_PRIMITIVES = frozenset({
 PRODUCT_PRIMITIVES = frozenset({'dot_general', 'conv_general_dilated'})
 # Call-like primitives: one inner program whose inputs are the equation's inputs.
 CALL_JAXPR_PARAMS = {
-    'jit': 'jaxpr', 'pjit': 'jaxpr', 'closed_call': 'call_jaxpr', 'core_call': 'call_jaxpr',
+    'jit': 'jaxpr', 'pjit': 'jaxpr', 'closed_call': 'call_jaxpr',
+    'core_call': 'call_jaxpr',
     'remat2': 'jaxpr', 'checkpoint': 'jaxpr', 'custom_jvp_call': 'call_jaxpr',
     'custom_vjp_call': 'call_jaxpr', 'custom_vjp_call_jaxpr': 'fun_jaxpr',
 }
@@ -265,8 +266,9 @@ class _Rewriter:
 
 def _run(apply_fn: Callable[..., Any], config: ActivationConfig, products: list[Product],
          args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-  """Calls ``apply_fn`` on decoded weights with its quantized products' inputs rewritten."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_qarray)
+  """Calls ``apply_fn`` on decoded weights, its quantized products' inputs rewritten."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs),
+                                                         is_leaf=is_qarray)
   # Arrays become inputs of the traced program; anything else (flags, names, modules)
   # stays a Python value, as in a direct call.
   dynamic = [i for i, (_, x) in enumerate(leaves) if is_qarray(x) or is_array(x)]
