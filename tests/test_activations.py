@@ -250,3 +250,29 @@ def test_unsupported_nesting_is_a_clear_error():
 def test_bad_options_raise(options, message):
   with pytest.raises(ValueError, match=message):
     pqjax.wrap(lambda p, x: x, **options)
+
+
+@pytest.mark.slow
+def test_minilm_w8a8_embeddings():
+  from pqjax import corpus, minilm
+
+  model = minilm.load()
+  text = minilm.tokenize(model.tokenizer, corpus.stdlib_sentences(64))
+  batch = text.batches[0]
+  reference = minilm.embed_all(minilm.embed_fn(model.module.apply), model.params, text)
+  params_q, _ = pqjax.quantize(model.params, 8)
+  products = activations.quantized_products(
+      model.module.apply, {'params': params_q}, batch['input_ids'],
+      batch['attention_mask'], batch['token_type_ids'])
+  # The 37 Dense kernels; the three embedding tables are only gathered.
+  assert len(products) == 37
+  assert all(p.primitive == 'dot_general' and 'embeddings' not in p.weight
+             for p in products)
+
+  def cosine(**options):
+    embed = minilm.embed_fn(pqjax.wrap(model.module.apply, act_bits=8, **options))
+    return minilm.cosines(reference, minilm.embed_all(embed, params_q, text)).mean()
+
+  assert cosine(act_granularity='token') >= 0.999
+  # Per tensor, the layers' power exponents beat a uniform activation grid.
+  assert cosine() > cosine(act_exponent=1.0) + 0.005
