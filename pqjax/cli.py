@@ -1,4 +1,4 @@
-"""Command line: ``pqjax quantize``, ``pqjax info`` and ``pqjax demo``."""
+"""Command line: ``pqjax quantize``, ``info``, ``report`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 EXIT_ERROR = 1
 EXIT_EXISTS = 2
+DEFAULT_REPORT_DIR = 'pqjax-report'
 
 
 def _granularity(text: str) -> str | int:
@@ -26,17 +27,47 @@ def _exponent(text: str) -> str | float:
         f'must be "layer", "global" or a number, got {text!r}') from None
 
 
+def _bits_list(text: str) -> tuple[int, ...]:
+  try:
+    bits = tuple(int(b) for b in text.split(','))
+  except ValueError:
+    bits = ()
+  if not bits or not all(2 <= b <= 8 for b in bits):
+    raise argparse.ArgumentTypeError(
+        f'must be comma-separated bit widths in 2..8, got {text!r}')
+  return bits
+
+
 def _error(message: str, code: int = EXIT_ERROR) -> int:
   print(f'pqjax: error: {message}', file=sys.stderr)
   return code
 
 
 def _demo(args: argparse.Namespace) -> int:
-  from pqjax import demo
+  from pqjax import demo, report
 
-  report = demo.run(bits=args.bits, granularity=args.granularity,
-                    sentences=args.sentences)
-  print(demo.format_report(report))
+  report.require_extras()
+  result = demo.run(bits=args.bits, granularity=args.granularity,
+                    sentences=args.sentences, out=args.out,
+                    report_sentences=args.report_sentences)
+  print(demo.format_report(result))
+  return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+  from pqjax import report
+
+  report.require_extras()
+  if args.checkpoint is None:
+    result = report.minilm_report(bits=args.bits, granularity=args.granularity,
+                                  sentences=args.sentences,
+                                  fidelity_bits=args.fidelity_bits)
+  else:
+    result = report.checkpoint_report(args.checkpoint, float_path=args.float,
+                                      fidelity_bits=args.fidelity_bits)
+  page = report.write(result, args.out)
+  report.print_table(result)
+  print(f'wrote {page} and its plots')
   return 0
 
 
@@ -105,7 +136,37 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--granularity', type=_granularity, default='channel',
                  help='"channel", "tensor" or a group size')
   p.add_argument('--sentences', type=int, default=512)
+  p.add_argument('--out', default=DEFAULT_REPORT_DIR,
+                 help=f'folder for the report and plots (default: {DEFAULT_REPORT_DIR})')
+  p.add_argument('--report-sentences', type=int, default=128,
+                 help='sentences for the report\'s fidelity against bits (default: 128)')
   p.set_defaults(func=_demo)
+
+  p = sub.add_parser(
+      'report', help='write a report folder (Markdown and PNG plots) on a quantization',
+      description='Writes report.md and PNG plots (error against the exponent,'
+      ' weight histograms with the levels, exponent per layer, fidelity against'
+      ' bits) and prints the per-layer table. With no checkpoint it reports on the'
+      ' bundled MiniLM quantized with the default settings.')
+  p.add_argument('checkpoint', nargs='?',
+                 help='a pqjax quantized checkpoint (.safetensors or Orbax directory);'
+                 ' default: the bundled MiniLM')
+  p.add_argument('--float', metavar='PATH',
+                 help='the float checkpoint it was quantized from, for errors, error'
+                 ' curves and fidelity against bits')
+  p.add_argument('--out', default=DEFAULT_REPORT_DIR,
+                 help=f'folder to write (default: {DEFAULT_REPORT_DIR})')
+  p.add_argument('--bits', type=int, default=4, choices=range(2, 9), metavar='{2..8}',
+                 help='MiniLM: bits of the reported quantization (default: 4)')
+  p.add_argument('--granularity', type=_granularity,
+                 help='MiniLM: "channel", "tensor" or a group size (default: the'
+                 ' library\'s)')
+  p.add_argument('--sentences', type=int, default=32,
+                 help='MiniLM: real sentences for the embedding cosines (default: 32)')
+  p.add_argument('--fidelity-bits', type=_bits_list, default=(2, 3, 4, 8),
+                 metavar='B,B,...', help='bit widths of the fidelity comparison'
+                 ' (default: 2,3,4,8)')
+  p.set_defaults(func=_report)
   return parser
 
 
@@ -113,8 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.func(args)
-  except (ValueError, TypeError, OSError) as e:
-    # CheckpointError is a ValueError; OSError covers missing and unwritable paths.
+  except (ValueError, TypeError, OSError, ImportError) as e:
+    # CheckpointError is a ValueError; OSError covers missing and unwritable paths;
+    # ImportError a missing optional extra.
     return _error(str(e))
 
 

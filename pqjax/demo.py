@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from pqjax import corpus, minilm, sizes
+from pqjax import corpus, minilm, report, sizes
 from pqjax.apply import wrap
 from pqjax.qarray import QArray, is_qarray
 from pqjax.quantize import quantize
@@ -36,6 +37,8 @@ class Report:
   float_nbytes: int
   exponents: list[tuple[str, tuple[int, ...], float]]
   rows: list[Fidelity]
+  page: Path | None = None
+  report: report.Report | None = None
 
 
 def _fidelity(label: str, model: minilm.MiniLM, params_q: Any, seconds: float,
@@ -48,8 +51,13 @@ def _fidelity(label: str, model: minilm.MiniLM, params_q: Any, seconds: float,
                   nbytes=sizes.nbytes(params_q))
 
 
-def run(bits: int = 4, granularity: Any = 'channel', sentences: int = 512) -> Report:
-  """Quantizes MiniLM with pqjax and with uniform RTN; measures both against fp32."""
+def run(bits: int = 4, granularity: Any = 'channel', sentences: int = 512,
+        out: str | Path | None = None, report_sentences: int = 128) -> Report:
+  """Quantizes MiniLM with pqjax and with uniform RTN; measures both against fp32.
+
+  With ``out``, also writes the report folder there (:mod:`pqjax.report`), whose
+  fidelity against bits uses ``report_sentences`` sentences.
+  """
   model = minilm.load()
   text = minilm.tokenize(model.tokenizer, corpus.stdlib_sentences(sentences))
   reference = minilm.embed_all(minilm.embed_fn(model.module.apply), model.params, text)
@@ -70,9 +78,13 @@ def run(bits: int = 4, granularity: Any = 'channel', sentences: int = 512) -> Re
   exponents = [(path_str(p), q.shape, float(q.alpha)) for p, q in
                jax.tree_util.tree_leaves_with_path(params_q, is_leaf=is_qarray)
                if isinstance(q, QArray)]
+  folder = page = None
+  if out is not None:
+    folder = report.minilm_report(bits, granularity, report_sentences, model=model)
+    page = report.write(folder, out)
   return Report(bits=bits, granularity=granularity, sentences=sentences,
                 float_nbytes=sizes.nbytes(model.params), exponents=exponents,
-                rows=rows)
+                rows=rows, page=page, report=folder)
 
 
 def format_report(report: Report) -> str:
@@ -96,4 +108,6 @@ def format_report(report: Report) -> str:
             f' {pq.relative_error / uni.relative_error:.3f}',
             f'Size: {report.float_nbytes / mb:.1f} MB fp32 -> {pq.nbytes / mb:.1f} MB'
             f' ({report.float_nbytes / pq.nbytes:.1f}x smaller)']
+  if report.page is not None:
+    lines += [f'Report with plots: {report.page}']
   return '\n'.join(lines)
