@@ -515,15 +515,22 @@ def load_orbax(directory: PathLike, target: Any = None) -> Any:
     raise CheckpointError(f'{directory}: not a directory (an Orbax checkpoint is one)')
   meta = _read_json(directory / METADATA_FILE, directory)
   spec = _check_metadata(meta, directory)
-  want = {}
+  want: dict[str, Any] = {}
   target_tensors = None
-  if target is not None:
-    target_spec, target_tensors = flatten(_reorder(target, spec))
-    if target_spec != spec:
-      raise CheckpointError(f'{directory}: target does not match the checkpoint at '
-                            + _spec_difference(spec, target_spec)
-                            + ' (checkpoint vs target)')
-  _walk_refs(spec, want)
+  # The tree spec is read before the checksum can be checked (it names the arrays to
+  # restore), so a malformed one must fail here as cleanly as in unflatten.
+  try:
+    if target is not None:
+      target_spec, target_tensors = flatten(_reorder(target, spec))
+      if target_spec != spec:
+        raise CheckpointError(f'{directory}: target does not match the checkpoint at '
+                              + _spec_difference(spec, target_spec)
+                              + ' (checkpoint vs target)')
+    _walk_refs(spec, want)
+  except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+    if isinstance(e, CheckpointError):
+      raise
+    raise CheckpointError(f'{directory}: malformed pqjax metadata: {e!r}') from None
   tensors = _restore_arrays(directory, want, target_tensors) if want else {}
   if target_tensors is None:
     _verify(meta, tensors, directory)
