@@ -49,6 +49,7 @@ LAYOUT_PRIMITIVES = frozenset({
     'reshape', 'transpose', 'convert_element_type', 'broadcast_in_dim', 'squeeze',
     'expand_dims', 'copy', 'copy_p', 'reduce_precision', 'rev', 'slice', 'dynamic_slice',
     'sharding_constraint', 'mesh_cast', 'reshard', 'pvary', 'device_put',
+    'optimization_barrier',
 })
 PRODUCT_PRIMITIVES = frozenset({'dot_general', 'conv_general_dilated'})
 # Call-like primitives: one inner program whose inputs are the equation's inputs.
@@ -202,6 +203,8 @@ class _Rewriter:
     name = eqn.primitive.name
     if name in LAYOUT_PRIMITIVES:
       outs = _bind(eqn, invals)
+      if len(outs) > 1 and len(outs) == len(invals):  # one output per operand
+        return outs, list(marks)
       return outs, [marks[0]] + [None] * (len(outs) - 1)
     if name in PRODUCT_PRIMITIVES:
       return self.product(eqn, invals, marks), []
