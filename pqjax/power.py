@@ -26,15 +26,51 @@ MAX_BITS = 8
 PACKED_BITS = (2, 3, 4)
 
 
+GRIDS = ('symmetric', 'full')
+
+
+def check_grid(grid: object) -> str:
+  if grid not in GRIDS:
+    raise ValueError(f'grid must be "symmetric" or "full", got {grid!r}')
+  return str(grid)
+
+
 def qmax(bits: int) -> int:
   """Largest code magnitude of the symmetric sign-magnitude grid."""
   return 2 ** (bits - 1) - 1
 
 
+def steps(bits: int, grid: str) -> tuple[int, int]:
+  """``(d_neg, d_pos)``: each side's levels are ``(k / d) ** (1 / a)``, k = 0..d.
+
+  The symmetric grid is the paper's: ``2 qmax + 1`` levels, one code unused. The
+  full grid uses all ``2 ** bits`` codes: the negative side gets the extra level,
+  so signed codes span the two's-complement range ``[-2 ** (bits - 1), qmax]``.
+  """
+  qm = qmax(bits)
+  return (qm + 1, qm) if grid == 'full' else (qm, qm)
+
+
+def num_levels(bits: int, grid: str) -> int:
+  return sum(steps(bits, grid)) + 1
+
+
+def zero_code(table_size: int) -> int:
+  """Table index of the level 0, which signed code 0 decodes to."""
+  return table_size // 2
+
+
 def block_view(w: jax.Array, nk: int) -> jax.Array:
-  """Views a 2-D ``(K, N)`` array as ``(nk, K // nk, N)`` blocks of rows."""
+  """Views a 2-D ``(K, N)`` array as ``(nk, ceil(K / nk), N)`` blocks of rows.
+
+  When ``nk`` does not divide K, the last block is padded with zeros, which every
+  grid decodes exactly and which therefore add no error.
+  """
   k, n = w.shape
-  return w.reshape(nk, k // nk, n)
+  rows = -(-k // nk)
+  if rows * nk != k:
+    w = jnp.pad(w, ((0, rows * nk - k), (0, 0)))
+  return w.reshape(nk, rows, n)
 
 
 def block_absmax(w3: jax.Array, ncol: int) -> jax.Array:
@@ -46,17 +82,40 @@ def block_absmax(w3: jax.Array, ncol: int) -> jax.Array:
   return m
 
 
+def _safe(scale: jax.Array) -> jax.Array:
+  return jnp.where(scale > 0, scale, 1.0)
+
+
 def normalise(w3: jax.Array, scale: jax.Array) -> jax.Array:
   """``|w| / m`` in [0, 1]; an all-zero block gives zeros, never NaN."""
-  safe = jnp.where(scale > 0, scale, 1.0)
-  return jnp.abs(w3.astype(jnp.float32)) / safe
+  return jnp.abs(w3.astype(jnp.float32)) / _safe(scale)
+
+
+def level_magnitude(k: jax.Array, alpha: jax.Array, d: jax.Array | int) -> jax.Array:
+  """Normalised level ``(k / d) ** (1 / alpha)`` of code magnitude ``k``."""
+  return jnp.power(k.astype(jnp.float32) / d, 1.0 / alpha)
+
+
+def magnitude_code(x: jax.Array, alpha: jax.Array, d: jax.Array | int, grid: str
+                   ) -> jax.Array:
+  """Code magnitude in [0, d] of normalised magnitudes ``x`` (int32).
+
+  The symmetric grid rounds in the power domain, ``round(d x ** a)``, as the paper
+  does. The full grid takes the nearest level in the weight domain, which is what
+  the reconstruction error measures.
+  """
+  y = d * jnp.power(x, alpha)
+  if grid != 'full':
+    return jnp.clip(jnp.round(y), 0, d).astype(jnp.int32)
+  k = jnp.clip(jnp.floor(y), 0, d - 1).astype(jnp.int32)
+  lo = level_magnitude(k, alpha, d)
+  hi = level_magnitude(k + 1, alpha, d)
+  return k + (x + x >= lo + hi).astype(jnp.int32)
 
 
 def encode_magnitude(x: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
   """Code magnitudes ``round(qmax * x ** alpha)`` for normalised ``x`` in [0, 1]."""
-  qm = qmax(bits)
-  y = qm * jnp.power(x, alpha)
-  return jnp.clip(jnp.round(y), 0, qm).astype(jnp.int32)
+  return magnitude_code(x, alpha, qmax(bits), 'symmetric')
 
 
 def decode_magnitude(k: jax.Array, alpha: jax.Array, bits: int, offset: float = 0.0
@@ -69,59 +128,89 @@ def decode_magnitude(k: jax.Array, alpha: jax.Array, bits: int, offset: float = 
   return jnp.power((k.astype(jnp.float32) + offset) / qm, 1.0 / alpha)
 
 
-# Up to this many bits, codes are found by comparing x with the qmax rounding
-# thresholds ((k - 1/2) / qmax) ** (1 / alpha): a few compares cost far less than a
-# pow per weight. They agree with the formula except within float32 rounding of a
-# threshold, where the formula itself is a tie.
+def side_thresholds(alpha: jax.Array, d: int, grid: str) -> jax.Array:
+  """Magnitudes from which codes ``1..d`` of one side are chosen, ascending."""
+  k = jnp.arange(1, d + 1)
+  if grid == 'full':
+    return (level_magnitude(k - 1, alpha, d) + level_magnitude(k, alpha, d)) / 2
+  return jnp.power((k - 0.5) / d, 1.0 / alpha)
+
+
+def thresholds(alpha: jax.Array, bits: int, grid: str) -> jax.Array:
+  """Signed thresholds between consecutive levels, ascending: ``num_levels - 1``."""
+  d_neg, d_pos = steps(bits, grid)
+  return jnp.concatenate([-side_thresholds(alpha, d_neg, grid)[::-1],
+                          side_thresholds(alpha, d_pos, grid)])
+
+
+# Up to this many bits, codes are found by comparing x with the thresholds between
+# levels: a few compares cost far less than a pow per weight. They agree with the
+# formula except within float32 rounding of a threshold, where the formula itself is
+# a tie.
 THRESHOLD_BITS = 5
 
 
-def encode_by_thresholds(x: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
-  """Code magnitudes of normalised ``x``: the count of thresholds ``x`` reaches."""
-  t = decode_magnitude(jnp.arange(1, qmax(bits) + 1), alpha, bits, offset=-0.5)
-  k = jnp.zeros(x.shape, jnp.int32)
-  for j in range(qmax(bits)):
-    k = k + (x >= t[j]).astype(jnp.int32)
-  return k
+def encode(w3: jax.Array, scale: jax.Array, alpha: jax.Array, bits: int,
+           grid: str = 'symmetric') -> jax.Array:
+  """Signed codes (int32) of a block view ``w3``: ``[-d_neg, d_pos]``.
 
-
-def encode(w3: jax.Array, scale: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
-  """Signed codes in [-qmax, qmax] (int32) of a block view ``w3``."""
-  x = normalise(w3, scale)
+  ``scale`` is the block scale the levels are multiplied by: the block's absmax, or
+  less when clipping, in which case magnitudes beyond it take the largest level.
+  """
+  x = w3.astype(jnp.float32) / _safe(scale)
   if bits <= THRESHOLD_BITS:
-    k = encode_by_thresholds(x, alpha, bits)
-  else:
-    k = encode_magnitude(x, alpha, bits)
-  return jnp.where(w3 < 0, -k, k)
+    t = thresholds(alpha, bits, grid)
+    u = jnp.zeros(x.shape, jnp.int32)
+    for j in range(t.shape[0]):
+      u = u + (x >= t[j]).astype(jnp.int32)
+    return u - steps(bits, grid)[0]
+  d_neg, d_pos = steps(bits, grid)
+  neg = x < 0
+  d = jnp.where(neg, d_neg, d_pos) if d_neg != d_pos else d_pos
+  k = magnitude_code(jnp.minimum(jnp.abs(x), 1.0), alpha, d, grid)
+  return jnp.where(neg, -k, k)
 
 
-def decode_table(alpha: float, bits: int) -> np.ndarray:
-  """Decoded value of each offset code ``u = q + qmax``, u in [0, 2 qmax].
+def decode_table(alpha: float, bits: int, grid: str = 'symmetric') -> np.ndarray:
+  """Decoded level of each code, in code order: ``table[q + zero_code]``.
 
   Computed on the host in float64 and rounded once to float32, so every level is
   the correctly rounded value of the formula, whatever the backend's ``pow``.
   """
-  qm = qmax(bits)
-  k = np.arange(-qm, qm + 1, dtype=np.float64)
+  d_neg, d_pos = steps(bits, grid)
+  k = np.arange(-d_neg, d_pos + 1, dtype=np.float64)
+  d = np.where(k < 0, d_neg, d_pos)
   a = float(np.float32(alpha))
-  return (np.sign(k) * (np.abs(k) / qm) ** (1.0 / a)).astype(np.float32)
+  return (np.sign(k) * (np.abs(k) / d) ** (1.0 / a)).astype(np.float32)
 
 
-def decode(q: jax.Array, scale: jax.Array, table: jax.Array, bits: int) -> jax.Array:
+def decode(q: jax.Array, scale: jax.Array, table: jax.Array) -> jax.Array:
   """Float32 block view from signed codes: one table lookup and one multiply."""
-  return jnp.take(table, q + qmax(bits), axis=0) * scale
+  return jnp.take(table, q + zero_code(table.shape[0]), axis=0) * scale
 
 
-def block_error(x: jax.Array, log_x: jax.Array, scale: jax.Array, alpha: jax.Array,
-                bits: int) -> jax.Array:
-  """``||w - w_hat||^2`` of one layer from its normalised magnitudes and scales.
+def reconstruct(x: jax.Array, log_x: jax.Array, d: jax.Array, alpha: jax.Array,
+                clip: jax.Array, grid: str) -> jax.Array:
+  """Decoded normalised magnitudes of ``x = |w| / absmax`` (search form).
 
-  ``log_x`` is ``log(x)``, computed once by the caller: the search evaluates this
-  many times, and ``exp(a log x)`` costs half of ``pow(x, a)``.
+  ``log_x`` is ``log(x)``, computed once by the caller (the search evaluates this
+  many times, and ``exp(a log x)`` costs half of ``pow(x, a)``); ``d`` is the code
+  range of each weight's side of the grid. The levels are ``clip`` times the
+  grid's: magnitudes above ``clip`` take the largest.
   """
-  qm = qmax(bits)
-  k = jnp.clip(jnp.round(qm * jnp.exp(alpha * log_x)), 0, qm)
-  xhat = jnp.exp(jnp.log(k / qm) / alpha)
+  y = d * jnp.exp(alpha * (log_x - jnp.log(clip)))
+  level = lambda k: clip * jnp.exp(jnp.log(k / d) / alpha)
+  if grid == 'full':
+    k = jnp.clip(jnp.floor(y), 0, d - 1)
+    lo, hi = level(k), level(k + 1)
+    return jnp.where(x + x >= lo + hi, hi, lo)
+  return level(jnp.clip(jnp.round(y), 0, d))
+
+
+def block_error(x: jax.Array, log_x: jax.Array, d: jax.Array, scale: jax.Array,
+                alpha: jax.Array, clip: jax.Array, grid: str) -> jax.Array:
+  """``||w - w_hat||^2`` of one layer from :func:`reconstruct`'s inputs and absmax."""
+  xhat = reconstruct(x, log_x, d, alpha, clip, grid)
   per_block = jnp.sum(jnp.square(x - xhat), axis=1, keepdims=True)
   return jnp.sum(per_block * jnp.square(scale))
 
@@ -146,18 +235,20 @@ def packed_rows(k: int, bits: int) -> int:
   return -(-k // codes) * nbytes
 
 
-def pack(q: jax.Array, bits: int) -> jax.Array:
+def pack(q: jax.Array, bits: int, zero: int | None = None) -> jax.Array:
   """Packs signed codes ``(K, N)`` into bytes along K.
 
   2 and 4 bits: 4 and 2 codes a byte. 3 bits: 8 codes in 3 bytes (24 bits). 5 to 8
-  bits: one code a byte, stored as int8. Packed codes are offset by qmax (unsigned).
+  bits: one code a byte, stored as int8. Packed codes are the unsigned table index
+  ``q + zero`` (``zero`` is the table index of level 0, default ``qmax``).
   """
   chex.assert_rank(q, 2)
   if bits not in PACKED_BITS:
     return q.astype(jnp.int8)
+  zero = qmax(bits) if zero is None else zero
   k, n = q.shape
   codes, nbytes = codes_per_unit(bits)
-  u = (q + qmax(bits)).astype(jnp.uint32)
+  u = (q + zero).astype(jnp.uint32)
   pad = -k % codes
   u = jnp.pad(u, ((0, pad), (0, 0)))
   u = u.reshape(-1, codes, n)
@@ -168,10 +259,12 @@ def pack(q: jax.Array, bits: int) -> jax.Array:
   return out.reshape(-1, n).astype(jnp.uint8)
 
 
-def unpack(packed: jax.Array, bits: int, k: int) -> jax.Array:
+def unpack(packed: jax.Array, bits: int, k: int, zero: int | None = None
+           ) -> jax.Array:
   """Inverse of :func:`pack`: signed int32 codes of shape ``(k, N)``."""
   if bits not in PACKED_BITS:
     return packed.astype(jnp.int32)
+  zero = qmax(bits) if zero is None else zero
   n = packed.shape[-1]
   codes, nbytes = codes_per_unit(bits)
   b = packed.astype(jnp.uint32).reshape(-1, nbytes, n)
@@ -180,7 +273,7 @@ def unpack(packed: jax.Array, bits: int, k: int) -> jax.Array:
   shifts = (jnp.arange(codes, dtype=jnp.uint32) * bits)[None, :, None]
   u = (word[:, None, :] >> shifts) & ((1 << bits) - 1)
   u = u.reshape(-1, n)[:k]
-  return u.astype(jnp.int32) - qmax(bits)
+  return u.astype(jnp.int32) - zero
 
 
 def byte_table(table: jax.Array, bits: int) -> jax.Array:
@@ -189,8 +282,8 @@ def byte_table(table: jax.Array, bits: int) -> jax.Array:
   Row ``j`` holds the level of the ``j``-th code of each byte, so decoding takes one
   lookup a byte instead of a shift, a mask and a lookup for each code.
   """
-  # Codes reach 2 ** bits - 1 = 2 qmax + 1, one past the table; no packed code holds
-  # it, so any level does.
+  # The symmetric grid leaves code 2 ** bits - 1 unused, one past its table; no
+  # packed code holds it, so any level does.
   padded = jnp.concatenate([table, table[-1:]])
   byte = jnp.arange(256, dtype=jnp.int32)
   mask = (1 << bits) - 1
@@ -203,6 +296,8 @@ def decode_packed(packed: jax.Array, scale: jax.Array, table: jax.Array, bits: i
                   k: int) -> jax.Array:
   """Float32 ``(k, N)`` from packed codes and ``(nk, 1, ncol)`` block scales.
 
+  Blocks are ``ceil(k / nk)`` rows; the last one may be shorter.
+
   Equal to ``decode(unpack(packed, bits, k))`` bit for bit. At 2 and 4 bits it looks
   up whole bytes in :func:`byte_table`: XLA's CPU code is then close to the cost of
   writing the float32 result, which bounds the decoding speed.
@@ -212,9 +307,10 @@ def decode_packed(packed: jax.Array, scale: jax.Array, table: jax.Array, bits: i
     levels = jnp.take(byte_table(table, bits), packed.astype(jnp.int32), axis=1)
     levels = levels.transpose(1, 0, 2).reshape(-1, n)[:k]
   else:
-    levels = jnp.take(table, unpack(packed, bits, k) + qmax(bits), axis=0)
+    zero = zero_code(table.shape[0])
+    levels = jnp.take(table, unpack(packed, bits, k, zero) + zero, axis=0)
   nk = scale.shape[0]
-  return (levels.reshape(nk, k // nk, n) * scale).reshape(k, n)
+  return (block_view(levels, nk) * scale).reshape(-1, n)[:k]
 
 
 def packed_dtype(bits: int) -> np.dtype:

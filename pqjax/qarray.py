@@ -29,12 +29,14 @@ class QArray:
 
   Attributes:
     codes: packed codes along K: ``(packed_rows(K, bits), N)``, uint8 for 2 to 4
-      bits (offset by qmax), int8 for 5 to 8 bits.
-    scale: float32 block scales ``(nk, ncol)``: ``nk`` blocks of ``K // nk`` rows,
-      ``ncol`` is 1 (one scale for all columns) or N (one per column).
+      bits (table indices), int8 for 5 to 8 bits (signed codes).
+    scale: block scales ``(nk, ncol)`` (float32, or float16 for small groups):
+      ``nk`` blocks of ``ceil(K / nk)`` rows (the last may be shorter), ``ncol`` is
+      1 (one scale for all columns) or N (one per column).
     alpha: float32 scalar, the exponent of the power map.
-    table: float32 ``(2 qmax + 1,)``, the decoded level of each offset code: decoding
-      is a lookup and a multiply by the block scale, with no ``pow``.
+    table: float32, the decoded level of each code in order: ``2 ** bits - 1``
+      entries for the paper's symmetric grid, ``2 ** bits`` for the full grid.
+      Decoding is a lookup and a multiply by the block scale, with no ``pow``.
     bits: code width, 2 to 8.
     shape: shape of the original leaf.
     dtype: dtype of the original leaf, which decoding gives back.
@@ -65,15 +67,16 @@ class QArray:
     if len(self.scale.shape) != 2:
       raise ValueError(f'scale must be 2-D (nk, ncol), got {tuple(self.scale.shape)}')
     nk, ncol = self.scale.shape
-    if nk < 1 or k % nk or ncol not in (1, n):
+    if nk < 1 or nk > max(k, 1) or -(-k // -(-k // nk)) != nk or ncol not in (1, n):
       raise ValueError(
           f'scale shape {tuple(self.scale.shape)} does not tile a ({k}, {n}) matrix')
     if is_array(self.alpha) and tuple(self.alpha.shape) != ():
       raise ValueError(f'alpha must be a scalar, got shape {tuple(self.alpha.shape)}')
-    levels = 2 * power.qmax(self.bits) + 1
-    if is_array(self.table) and tuple(self.table.shape) != (levels,):
+    sizes = [(power.num_levels(self.bits, g),) for g in power.GRIDS]
+    if is_array(self.table) and tuple(self.table.shape) not in sizes:
       raise ValueError(
-          f'table shape {tuple(self.table.shape)} is not ({levels},) at {self.bits} bits')
+          f'table shape {tuple(self.table.shape)} is not one of {sizes} at'
+          f' {self.bits} bits')
 
   @property
   def ndim(self) -> int:
@@ -91,8 +94,19 @@ class QArray:
 
   @property
   def block_rows(self) -> int:
-    """Rows of K that share one scale."""
-    return matrix_shape(self.shape)[0] // self.scale.shape[0]
+    """Rows of K that share one scale (the last block may have fewer)."""
+    k = matrix_shape(self.shape)[0]
+    return -(-k // self.scale.shape[0])
+
+  @property
+  def grid(self) -> str:
+    """``"symmetric"`` (the paper's ``2 ** bits - 1`` levels) or ``"full"``."""
+    return 'full' if self.table.shape[0] == 2 ** self.bits else 'symmetric'
+
+  @property
+  def bits_per_weight(self) -> float:
+    """Stored bits per weight, counting scales, the exponent and the table."""
+    return 8 * self.nbytes / max(self.size, 1)
 
   def dequantize(self) -> jax.Array:
     """Decodes to an array of the original shape and dtype."""

@@ -74,29 +74,74 @@ def _advance(bar: Any, result: Any, weights: int) -> None:
     bar.update(weights)
 
 
-def _refine(alphas: jax.Array, leaves: list[tuple[Any, ...]],
-            blocks: list[tree.Blocks], shared: bool, bits: int,
-            config: search.SearchConfig) -> jax.Array:
-  """Exact refinement of the exponents of the small layers (all, if ``shared``)."""
+def check_clip(clip: Any) -> tuple[str, float]:
+  """``(mode, ratio)``: mode ``"layer"``, ``"block"`` or ``"fixed"``."""
+  if clip is True or clip == 'layer':
+    return 'layer', 1.0
+  if clip == 'block':
+    return 'block', 1.0
+  if clip is False or clip is None:
+    return 'fixed', 1.0
+  if (isinstance(clip, (int, float, np.integer, np.floating))
+      and not isinstance(clip, bool) and math.isfinite(clip) and 0 < clip <= 1):
+    return 'fixed', float(clip)
+  raise ValueError(
+      f'clip must be True, False, "layer", "block" or a ratio in (0, 1], got {clip!r}')
+
+
+ScaleDtype = Any
+
+
+def check_scale_dtype(scale_dtype: ScaleDtype) -> np.dtype | None:
+  """``None`` (automatic), float32 or float16."""
+  if scale_dtype is None or (isinstance(scale_dtype, str) and scale_dtype == 'auto'):
+    return None
+  try:
+    dt = np.dtype(scale_dtype)
+  except TypeError:
+    dt = None
+  if dt not in (np.dtype(np.float32), np.dtype(np.float16)):
+    raise ValueError(
+        f'scale_dtype must be "auto", float32 or float16, got {scale_dtype!r}')
+  return dt
+
+
+# Float16 keeps 11 significant bits, plenty for a scale, over its normal range.
+FP16_TINY = float(np.finfo(np.float16).tiny)
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def _fp16_fits(absmax: np.ndarray, low: float) -> bool:
+  """Whether every nonzero scale, down to ``low`` times the absmax, is a normal fp16."""
+  nonzero = absmax[absmax > 0]
+  return nonzero.size == 0 or (nonzero.min() * low >= FP16_TINY
+                               and nonzero.max() <= FP16_MAX)
+
+
+def _refine(alphas: jax.Array, clips: jax.Array, leaves: list[tuple[Any, ...]],
+            blocks: list[tree.Blocks], plan: search.Plan, bits: int, grid: str,
+            config: search.SearchConfig) -> tuple[jax.Array, jax.Array]:
+  """Exact refinement of the small layers (all of them, if the exponent is shared)."""
   sizes = [b.k * b.n for b in blocks]
-  if shared:
+  if plan.shared:
     small = list(range(len(blocks))) if search.needs_refine(
         sum(s * len(g) for s, g in zip(sizes, leaves)), config) else []
   else:
     small = [i for i, s in enumerate(sizes) if search.needs_refine(s, config)]
   if not small:
-    return alphas
+    return alphas, clips
   offsets = np.cumsum([0] + [len(g) for g in leaves])
   index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in small])
-  refined = search.refine_layers(
-      tuple(leaves[i] for i in small), alphas[index],
-      views=tuple(dataclasses.astuple(blocks[i]) for i in small), bits=bits,
-      config=config, shared=shared)
-  return alphas.at[index].set(refined)
+  a, c = search.refine_layers(
+      tuple(leaves[i] for i in small), alphas[index], clips[index],
+      views=tuple(dataclasses.astuple(blocks[i]) for i in small), bits=bits, grid=grid,
+      plan=plan, config=config)
+  return alphas.at[index].set(a), clips.at[index].set(c)
 
 
 def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'channel',
-             exponent: Exponent = 'layer', filter: tree.Filter | None = None,
+             exponent: Exponent = 'layer', grid: str = 'full', clip: Any = True,
+             scale_dtype: ScaleDtype = 'auto', filter: tree.Filter | None = None,
              search_config: search.SearchConfig | None = None,
              progress: bool | None = None) -> tuple[Any, Any]:
   """Quantizes the selected leaves of ``params`` with the power map.
@@ -106,15 +151,27 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
     bits: code width, 2 to 8.
     granularity: ``"channel"`` (one scale per output feature, the last axis),
       ``"tensor"`` (one scale per leaf) or an int ``G`` (one scale per ``G``
-      consecutive rows of one column).
+      consecutive rows of one column; when ``G`` does not divide K the last block
+      of each column is shorter).
     exponent: ``"layer"`` (searched per leaf), ``"global"`` (one exponent for the
-      whole tree, minimising the summed error) or a fixed float (``1.0`` is uniform
-      round-to-nearest).
+      whole tree, minimising the summed error) or a fixed float (``1.0`` with
+      ``grid="symmetric"`` and ``clip=False`` is uniform round-to-nearest).
+    grid: ``"full"`` (all ``2 ** bits`` codes: levels ``(k / d) ** (1 / a)`` on
+      each side, one more on the negative side, each weight taking its nearest
+      level) or ``"symmetric"`` (the paper's ``2 ** bits - 1`` levels, rounding
+      in the power domain).
+    clip: the block scale is ``c`` times the block's absmax. ``True`` (or
+      ``"layer"``): one ratio per leaf, searched jointly with the exponent;
+      ``"block"``: then each block picks the best of a few ratios around it;
+      ``False``: ``c = 1``, the paper's absmax scale; a float: that ratio.
+    scale_dtype: storage of the block scales: ``"auto"`` (float16 for groups,
+      whose scales cost ``16 / G`` bits a weight, where every scale is a normal
+      float16; float32 otherwise), ``float32`` or ``float16``.
     filter: ``filter(path, leaf) -> bool`` picks the leaves to quantize; ``path`` is
       the ``/``-joined key path. Default: floating leaves with ndim >= 2.
-    search_config: range and resolution of the exponent search (default
-      :class:`SearchConfig`: exponents in [0.05, 2.0]).
-    progress: show a tqdm progress bar on stderr. Default: for trees of 50M weights
+    search_config: ranges and resolution of the search (default
+      :class:`SearchConfig`: exponents in [0.05, 2.0], clip ratios in [0.3, 1]).
+    progress: show a tqdm progress bar on stderr. Default: for trees of 100M weights
       or more, when stderr is a terminal.
 
   Returns:
@@ -123,6 +180,9 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
     exponent (a float) and None elsewhere.
   """
   bits = check_bits(bits)
+  grid = power.check_grid(grid)
+  clip_mode, clip_ratio = check_clip(clip)
+  fp16 = check_scale_dtype(scale_dtype)
   search_config = search_config or search.SearchConfig()
   tree.check_granularity(granularity)
   exponent = check_exponent(exponent)
@@ -131,8 +191,8 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
 
   groups: dict[tree.Blocks, list[tuple[int, str, Any]]] = {}
   for i, name, leaf in chosen:
-    blocks = tree.blocks_for(name, tuple(leaf.shape), granularity)
-    groups.setdefault(blocks, []).append((i, name, leaf))
+    groups.setdefault(tree.blocks_for(tuple(leaf.shape), granularity), []).append(
+        (i, name, leaf))
 
   members = list(groups.values())
   leaves = [tuple(leaf for _, _, leaf in m) for m in members]
@@ -148,30 +208,48 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
         raise ValueError(f'{name}: leaf of shape {tuple(leaf.shape)} holds NaN or Inf')
 
   sizes = [len(m) for m in members]
-  if not groups:
-    alphas = jnp.zeros((0,), jnp.float32)
-  elif exponent in ('layer', 'global'):
-    shared = exponent == 'global'
-    alphas = search.search_stats(jnp.concatenate([s for _, _, s in stats]), bits=bits,
-                                 config=search_config, shared=shared)
-    alphas = _refine(alphas, leaves, list(groups), shared, bits, search_config)
-  else:
-    alphas = jnp.full((sum(sizes),), exponent, jnp.float32)
+  n = sum(sizes)
+  plan = search.Plan(search_alpha=exponent in ('layer', 'global'),
+                     search_clip=clip_mode != 'fixed', shared=exponent == 'global')
+  alphas = jnp.full((n,), 1.0 if isinstance(exponent, str) else exponent, jnp.float32)
+  clips = jnp.full((n,), clip_ratio, jnp.float32)
+  if n and (plan.search_alpha or plan.search_clip):
+    alphas, clips = search.search_stats(
+        jnp.concatenate([s for _, _, s in stats]), alphas, clips, bits=bits, grid=grid,
+        plan=plan, config=search_config)
+    alphas, clips = _refine(alphas, clips, leaves, list(groups), plan, bits, grid,
+                            search_config)
 
   offsets = np.cumsum([0] + sizes)
   host_alphas = np.asarray(alphas)
+  low = search_config.clip_lo if clip_mode == 'block' else 1.0
   out = [leaf for _, leaf in flat]
   alpha_out: list[float | None] = [None] * len(flat)
-  for g, b, m, o, (_, scale, _), w in zip(leaves, groups, members, offsets, stats,
-                                         weights):
-    codes, scales = search.encode_layers(g, alphas[o:o + len(m)], scale, bits=bits, k=b.k,
-                                         n=b.n, nk=b.nk)
+  for g, b, m, o, (_, absmax, _), w in zip(leaves, groups, members, offsets, stats,
+                                          weights):
+    if fp16 is None and isinstance(granularity, str):
+      half = np.zeros(len(m), bool)
+    else:
+      ratio = np.asarray(clips[o:o + len(m)])[:, None]
+      host = np.asarray(absmax).reshape(len(m), -1) * ratio
+      half = np.array([_fp16_fits(x, low) for x in host])
+      if fp16 == np.dtype(np.float16) and not half.all():
+        name = m[int(np.argmin(half))][1]
+        raise ValueError(f'{name}: block scales fall outside the float16 range;'
+                         ' use scale_dtype=float32')
+      if fp16 == np.dtype(np.float32):
+        half[:] = False
+    codes, scales = search.encode_layers(
+        g, alphas[o:o + len(m)], clips[o:o + len(m)], absmax, jnp.asarray(half),
+        k=b.k, n=b.n, nk=b.nk, bits=bits, grid=grid, block_clip=clip_mode == 'block',
+        config=search_config)
     _advance(bar, codes, w)
     for j, (i, _, leaf) in enumerate(m):
       alpha = host_alphas[o + j]
-      out[i] = QArray(codes=codes[j], scale=scales[j], alpha=jnp.float32(alpha),
-                      table=jnp.asarray(power.decode_table(alpha, bits)), bits=bits,
-                      shape=tuple(leaf.shape), dtype=np.dtype(leaf.dtype))
+      scale = scales[j].astype(jnp.float16) if half[j] else scales[j]
+      out[i] = QArray(codes=codes[j], scale=scale, alpha=jnp.float32(alpha),
+                      table=jnp.asarray(power.decode_table(alpha, bits, grid)),
+                      bits=bits, shape=tuple(leaf.shape), dtype=np.dtype(leaf.dtype))
       alpha_out[i] = float(alpha)
   if bar is not None:
     bar.close()

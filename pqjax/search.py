@@ -1,14 +1,16 @@
-"""Exponent search: binned statistics, a coarse grid, golden-section, exact refinement.
+"""Search of the exponent and clip ratio: binned statistics, a grid, golden-section.
 
-The reconstruction error ``E(a) = ||W - W_hat(a)||^2`` is locally convex with a single
-minimum for real weight distributions, but rounding makes it slightly ragged and a
-bracket far from the minimum can hold a shallow local one. One pass over each layer
-bins its normalised magnitudes; the binned statistics give E for any exponent at a
-cost independent of the layer's size. A coarse grid on them picks the bracket around
-the best grid point and golden-section narrows it, for all layers of the tree at once.
-Small layers, where binning can misplace a few weights at a threshold, then get a
-golden-section on the exact error in a narrow bracket. Each stage keeps the best point
-seen, so the search never returns worse than the grid.
+The reconstruction error ``E(a, c) = ||W - W_hat||^2`` of a layer, for exponent ``a``
+and clip ratio ``c`` (the block scale is ``c`` times the block's absmax), is locally
+convex in each variable with a single minimum for real weight distributions, but
+rounding makes it slightly ragged and a bracket far from the minimum can hold a
+shallow local one. One pass over each layer bins its normalised magnitudes, per sign;
+the binned statistics give E for any ``(a, c)`` at a cost independent of the layer's
+size. A coarse grid over ``(a, c)`` on them picks the starting point, then
+golden-section steps alternate between ``a`` and ``c``, for all layers of the tree
+at once. Small layers, where binning can misplace a few weights at a threshold, then
+get the same alternation on the exact error in a narrow bracket. Each stage keeps the
+best point seen, so the search never returns worse than the grid.
 
 Statistics and encoding are jitted per layer shape and batched over the layers of
 that shape (``jax.vmap``); the search is one jitted program for the whole tree.
@@ -28,48 +30,68 @@ from pqjax import power
 
 _INV_PHI = (5 ** 0.5 - 1) / 2
 
+Objective = Callable[[jax.Array, jax.Array], jax.Array]
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SearchConfig:
-  """Settings of the exponent search.
+  """Settings of the exponent and clip search.
 
   Attributes:
     lo: smallest exponent considered.
     hi: largest exponent considered. ``a = 1`` is uniform quantization; ``a < 1``
       puts more levels near zero, ``a > 1`` near the block maximum.
-    grid: points of the coarse grid over ``[lo, hi]``.
-    iters: golden-section steps inside the grid bracket; the bracket shrinks by
-      0.618 each step, so 24 steps narrow ``2 (hi - lo) / (grid - 1)`` about
-      100000 times. These steps cost nothing per weight: they run on binned
+    grid: points of the coarse exponent grid over ``[lo, hi]``.
+    iters: golden-section steps on the exponent in each round; the bracket shrinks
+      by 0.618 each step. These steps cost nothing per weight: they run on binned
       statistics of the layer.
-    refine_width: half-width of the bracket, around the optimum of the binned
-      error, in which the exact error is minimised.
+    clip_lo: smallest clip ratio considered (the block scale over its absmax).
+    clip_grid: points of the coarse clip grid over ``[clip_lo, 1]``.
+    clip_iters: golden-section steps on the clip ratio in each round.
+    rounds: rounds of alternating exponent and clip steps after the grid.
+    refine_width: half-width of the exponent bracket, around the optimum of the
+      binned error, in which the exact error is minimised.
+    refine_clip_width: the same for the clip ratio.
     refine_iters: golden-section steps on the exact error (each one a pass over
-      the weights); 14 steps narrow ``2 refine_width`` to about 1e-4.
+      the weights), per variable.
     refine_below: only layers with fewer weights than this get the exact
-      refinement. Binning misplaces at most a few weights per rounding threshold,
-      which matters in a small layer; in larger ones the binned error is within
-      about 1e-4 of the exact one and the refinement would only cost time.
-    bins: bins of the statistics.
+      refinement. Binning misplaces at most a few weights per threshold, which
+      matters in a small layer; in larger ones the binned error is within about
+      1e-4 of the exact one and the refinement would only cost time.
+    bins: bins of the statistics, per sign.
+    block_clips: candidate ratios per block with ``clip="block"``, spread over the
+      layer's ratio +- ``block_clip_width``.
+    block_clip_width: half-width of the block candidates around the layer's ratio.
   """
 
   lo: float = 0.05
   hi: float = 2.0
   grid: int = 24
   iters: int = 24
+  clip_lo: float = 0.3
+  clip_grid: int = 8
+  clip_iters: int = 16
+  rounds: int = 2
   refine_width: float = 0.05
+  refine_clip_width: float = 0.03
   refine_iters: int = 14
   refine_below: int = 2 ** 17
   bins: int = 4096
+  block_clips: int = 9
+  block_clip_width: float = 0.2
 
   def __post_init__(self):
     if not 0 < self.lo < self.hi:
       raise ValueError(
           f'search range must satisfy 0 < lo < hi, got ({self.lo}, {self.hi})')
-    if self.grid < 3 or self.iters < 1 or self.refine_iters < 0 or self.bins < 16:
+    if not 0 < self.clip_lo < 1:
+      raise ValueError(f'clip_lo must be in (0, 1), got {self.clip_lo}')
+    if (self.grid < 3 or self.clip_grid < 2 or self.iters < 1 or self.clip_iters < 1
+        or self.rounds < 1 or self.refine_iters < 0 or self.bins < 16
+        or self.block_clips < 1):
       raise ValueError(
-          f'grid must be >= 3, iters >= 1, refine_iters >= 0 and bins >= 16, got'
-          f' {self.grid}, {self.iters}, {self.refine_iters}, {self.bins}')
+          f'grid must be >= 3, clip_grid >= 2, iters, clip_iters, rounds and'
+          f' block_clips >= 1, refine_iters >= 0 and bins >= 16; got {self}')
 
 
 def golden(f: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array,
@@ -93,50 +115,114 @@ def golden(f: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array,
   return jnp.where(fc <= fd, c, d), jnp.minimum(fc, fd)
 
 
-def minimise(f: Callable[[jax.Array], jax.Array], shape: tuple[int, ...],
-             config: SearchConfig) -> jax.Array:
-  """Minimises an elementwise objective ``f: a -> E`` over ``a`` of ``shape``.
+def golden_keep(f: Callable[[jax.Array], jax.Array], x0: jax.Array, lo: jax.Array,
+                hi: jax.Array, iters: int) -> jax.Array:
+  """Golden-section of ``f`` on ``[lo, hi]``; keeps ``x0`` where it is no worse."""
+  x, e = golden(f, lo, hi, iters)
+  return jnp.where(e <= f(x0), x, x0)
 
-  Each element of ``a`` is an independent 1-D problem (one per layer), so all of
-  them are solved with the same number of evaluations of ``f``.
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+  """What the search varies: the exponent unless fixed, the clip ratio if searched.
+
+  Attributes:
+    search_alpha: whether the exponent is searched (else it stays as given).
+    search_clip: whether the clip ratio is searched (else it stays as given).
+    shared: one exponent for all layers, minimising their summed error; clip
+      ratios stay per layer.
   """
-  grid = jnp.linspace(config.lo, config.hi, config.grid, dtype=jnp.float32)
-  errs = jax.lax.map(lambda g: f(jnp.full(shape, g, jnp.float32)), grid)
-  best = jnp.argmin(errs, axis=0)
-  a_grid = grid[best]
-  e_grid = jnp.min(errs, axis=0)
-  lo = grid[jnp.maximum(best - 1, 0)]
-  hi = grid[jnp.minimum(best + 1, config.grid - 1)]
-  a_gs, e_gs = golden(f, lo, hi, config.iters)
-  return jnp.where(e_gs <= e_grid, a_gs, a_grid)
+
+  search_alpha: bool = True
+  search_clip: bool = True
+  shared: bool = False
 
 
-def golden_refine(f: Callable[[jax.Array], jax.Array], a0: jax.Array,
-                  config: SearchConfig) -> jax.Array:
-  """Golden-section on the exact error ``f`` around ``a0``; never worse than ``a0``."""
-  lo = jnp.maximum(a0 - config.refine_width, config.lo)
-  hi = jnp.minimum(a0 + config.refine_width, config.hi)
-  a, e = golden(f, lo, hi, config.refine_iters)
-  return jnp.where(e <= f(a0), a, a0)
+def _alpha_step(f: Objective, a: jax.Array, c: jax.Array, half: float, lo: float,
+                hi: float, iters: int, shared: bool) -> jax.Array:
+  if shared:
+    g = lambda s: jnp.sum(f(jnp.full(a.shape, s), c))
+    s = golden_keep(g, a[0], jnp.maximum(a[0] - half, lo), jnp.minimum(a[0] + half, hi),
+                    iters)
+    return jnp.full(a.shape, s)
+  return golden_keep(lambda s: f(s, c), a, jnp.maximum(a - half, lo),
+                     jnp.minimum(a + half, hi), iters)
+
+
+def _clip_step(f: Objective, a: jax.Array, c: jax.Array, half: float, lo: float,
+               iters: int) -> jax.Array:
+  return golden_keep(lambda s: f(a, s), c, jnp.maximum(c - half, lo),
+                     jnp.minimum(c + half, 1.0), iters)
+
+
+def alternate(f: Objective, a: jax.Array, c: jax.Array, *, plan: Plan, a_half: float,
+              c_half: float, iters: int, clip_iters: int, rounds: int,
+              config: SearchConfig) -> tuple[jax.Array, jax.Array]:
+  """Golden-section steps on ``a`` then ``c`` around ``(a, c)``; brackets halve each
+  round. Never worse than the start."""
+  for r in range(rounds):
+    scale = 0.5 ** r
+    if plan.search_alpha:
+      a = _alpha_step(f, a, c, a_half * scale, config.lo, config.hi, iters, plan.shared)
+    if plan.search_clip:
+      c = _clip_step(f, a, c, c_half * scale, config.clip_lo, clip_iters)
+  return a, c
+
+
+def minimise(f: Objective, a0: jax.Array, c0: jax.Array, plan: Plan,
+             config: SearchConfig) -> tuple[jax.Array, jax.Array]:
+  """Minimises ``f(a, c) -> E`` (all ``(L,)``) from a grid over what ``plan`` varies.
+
+  Each layer is an independent problem (unless ``plan.shared``), so all of them are
+  solved with the same number of evaluations of ``f``.
+  """
+  n = a0.shape[0]
+  a_grid = (jnp.linspace(config.lo, config.hi, config.grid, dtype=jnp.float32)
+            if plan.search_alpha else a0[None])
+  c_grid = (jnp.linspace(config.clip_lo, 1.0, config.clip_grid, dtype=jnp.float32)
+            if plan.search_clip else c0[None])
+  ga, gc = a_grid.shape[0], c_grid.shape[0]
+
+  def at(ij):
+    a = a_grid[ij[0]] if plan.search_alpha else a0
+    c = c_grid[ij[1]] if plan.search_clip else c0
+    return f(jnp.broadcast_to(a, (n,)), jnp.broadcast_to(c, (n,)))
+
+  ii, jj = jnp.meshgrid(jnp.arange(ga), jnp.arange(gc), indexing='ij')
+  errs = jax.lax.map(at, (ii.reshape(-1), jj.reshape(-1))).reshape(ga, gc, n)
+  if plan.shared:
+    ia = jnp.argmin(jnp.sum(jnp.min(errs, axis=1), axis=-1))
+    jc = jnp.argmin(errs[ia], axis=0)
+    ia = jnp.full((n,), ia)
+  else:
+    best = jnp.argmin(errs.reshape(ga * gc, n), axis=0)
+    ia, jc = best // gc, best % gc
+  a = a_grid[ia] if plan.search_alpha else a0
+  c = c_grid[jc] if plan.search_clip else c0
+  a_step = (config.hi - config.lo) / (config.grid - 1)
+  c_step = (1.0 - config.clip_lo) / (config.clip_grid - 1)
+  return alternate(f, a, c, plan=plan, a_half=a_step, c_half=c_step,
+                   iters=config.iters, clip_iters=config.clip_iters,
+                   rounds=config.rounds, config=config)
 
 
 def prepare(w: jax.Array, nk: int, ncol: int) -> tuple[jax.Array, jax.Array]:
-  """Block scales and normalised magnitudes of one ``(K, N)`` layer."""
+  """Block absmax scales and signed normalised weights ``w / m`` of one layer."""
   w3 = power.block_view(w, nk)
   scale = power.block_absmax(w3, ncol)
-  return power.normalise(w3, scale), scale
+  return w3 / jnp.where(scale > 0, scale, 1.0), scale
 
 
 # --- binned statistics --------------------------------------------------------------
 # The error of one layer is a sum over its normalised magnitudes x with weight m^2
-# (the block scale squared). Binning x finely and keeping, per bin, the weight and
-# the first and second moments of x about the bin centre gives the error for any
-# exponent exactly, except for the few bins that straddle a rounding threshold:
-#   sum s (x - l)^2 = W2 + 2 (c - l) W1 + (c - l)^2 W0,  W_j = sum s (x - c)^j.
-# W2 does not depend on the exponent, so only W0 and W1 are kept: the binned error
-# is the exact one less a constant per layer, which leaves every argmin unchanged.
-# Moments about the centre, not raw moments, keep float32 free of cancellation.
-# Bins are uniform in x^(1/4): thresholds crowd near zero at small exponents.
+# (the block absmax squared). Binning x finely, per sign, and keeping per bin the
+# weight and the first and second moments of x about the bin centre gives the error
+# for any (a, c) exactly, except for the few bins that straddle a threshold:
+#   sum s (x - l)^2 = W2 + 2 (ctr - l) W1 + (ctr - l)^2 W0,  W_j = sum s (x - ctr)^j.
+# W2 depends on neither a nor c, so only W0 and W1 are kept: the binned error is the
+# exact one less a constant per layer, which leaves every argmin unchanged. Moments
+# about the centre, not raw moments, keep float32 free of cancellation. Bins are
+# uniform in x^(1/4): thresholds crowd near zero at small exponents.
 
 BINS = 4096
 
@@ -146,54 +232,62 @@ def _centre(i: jax.Array, bins: int) -> jax.Array:
   return jnp.square(jnp.square((i.astype(jnp.float32) + 0.5) / bins))
 
 
-def bin_centres(bins: int = BINS) -> jax.Array:
-  return _centre(jnp.arange(bins), bins)
-
-
-def _bin_index(x: jax.Array, bins: int) -> jax.Array:
-  u = jnp.sqrt(jnp.sqrt(x))
-  return jnp.minimum((u * bins).astype(jnp.int32), bins - 1)
-
-
-def _stats(x: jax.Array, scale: jax.Array, bins: int) -> jax.Array:
-  s = jnp.broadcast_to(jnp.square(scale), x.shape)
-  i = _bin_index(x, bins)
-  d = x - _centre(i, bins)  # computed, not gathered from bin_centres
-  layer = jnp.arange(x.shape[0], dtype=jnp.int32).reshape(-1, 1, 1, 1) * bins
-  # One complex scatter-add carries both moments: on CPU it costs much less than
-  # a scatter of pairs.
-  data = jax.lax.complex(s, s * d).reshape(-1)
-  seg = (i + layer).reshape(-1)
-  sums = jax.ops.segment_sum(data, seg, num_segments=x.shape[0] * bins)
-  return jnp.stack([sums.real, sums.imag], axis=-1).reshape(x.shape[0], bins, 2)
-
-
 def bin_edges(bins: int = BINS) -> jax.Array:
   return jnp.square(jnp.square(jnp.arange(bins + 1, dtype=jnp.float32) / bins))
 
 
-def stats_error(stats: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
-  """Reconstruction error of each layer, less a constant, from binned stats: ``(L,)``.
+def _stats(xs: jax.Array, scale: jax.Array, bins: int) -> jax.Array:
+  """``(L, 2, bins, 2)``: per layer, sign (positive, negative) and bin, W0 and W1."""
+  x = jnp.abs(xs)
+  s = jnp.broadcast_to(jnp.square(scale), x.shape)
+  u = jnp.sqrt(jnp.sqrt(x))
+  i = jnp.minimum((u * bins).astype(jnp.int32), bins - 1)
+  d = x - _centre(i, bins)  # computed, not gathered from the centres
+  side = (xs < 0).astype(jnp.int32) * bins
+  layer = jnp.arange(x.shape[0], dtype=jnp.int32).reshape(-1, 1, 1, 1) * (2 * bins)
+  # One complex scatter-add carries both moments: on CPU it costs much less than
+  # a scatter of pairs.
+  data = jax.lax.complex(s, s * d).reshape(-1)
+  seg = (i + side + layer).reshape(-1)
+  sums = jax.ops.segment_sum(data, seg, num_segments=x.shape[0] * 2 * bins)
+  return jnp.stack([sums.real, sums.imag], axis=-1).reshape(x.shape[0], 2, bins, 2)
 
-  A bin whose two edges round to different codes straddles a threshold ``t``: its
-  mass above ``t`` goes to the upper level. That share is taken from a uniform
-  density inside the bin, which leaves an error of second order in the bin width.
+
+def _side_error(w: jax.Array, a: jax.Array, c: jax.Array, d: int, grid: str
+                ) -> jax.Array:
+  """Binned error of one sign's bins ``w`` ``(L, bins, 2)`` whose codes span 0..d.
+
+  A bin whose two edges take different codes straddles a threshold ``t``: its mass
+  above ``t`` goes to the upper level. That share is taken from a uniform density
+  inside the bin, which leaves an error of second order in the bin width.
   """
-  bins = stats.shape[1]
+  bins = w.shape[1]
   edges = bin_edges(bins)
   lo, hi = edges[:-1], edges[1:]
-  a = alpha[:, None]
-  k = power.encode_magnitude(edges[None, :], a, bits)
+  a, c = a[:, None], c[:, None]
+  k = power.magnitude_code(edges[None, :] / c, a, d, grid)
   k_lo, k_hi = k[:, :-1], k[:, 1:]
-  l_lo = power.decode_magnitude(k_lo, a, bits)
-  l_hi = power.decode_magnitude(k_hi, a, bits)
-  w0, w1 = stats[..., 0], stats[..., 1]
-  d = bin_centres(bins) - l_lo
-  whole = 2 * d * w1 + d * d * w0
-  t = jnp.clip(power.decode_magnitude(k_hi, a, bits, offset=-0.5), lo, hi)
+  l_lo = c * power.level_magnitude(k_lo, a, d)
+  l_hi = c * power.level_magnitude(k_hi, a, d)
+  w0, w1 = w[..., 0], w[..., 1]
+  dist = _centre(jnp.arange(bins), bins) - l_lo
+  whole = 2 * dist * w1 + dist * dist * w0
+  if grid == 'full':
+    t = (l_lo + l_hi) / 2
+  else:
+    t = c * jnp.power((k_hi - 0.5) / d, 1.0 / a)
+  t = jnp.clip(t, lo, hi)
   density = w0 / (hi - lo)
   moved = density * (l_lo - l_hi) * ((hi * hi - t * t) - (l_lo + l_hi) * (hi - t))
   return jnp.sum(whole + jnp.where(k_hi > k_lo, moved, 0.0), axis=-1)
+
+
+def stats_error(stats: jax.Array, alpha: jax.Array, clip: jax.Array, bits: int,
+                grid: str) -> jax.Array:
+  """Reconstruction error of each layer, less a constant, from binned stats: ``(L,)``."""
+  d_neg, d_pos = power.steps(bits, grid)
+  return (_side_error(stats[:, 0], alpha, clip, d_pos, grid)
+          + _side_error(stats[:, 1], alpha, clip, d_neg, grid))
 
 
 def _prepare_stack(stack: jax.Array, nk: int, ncol: int
@@ -201,15 +295,17 @@ def _prepare_stack(stack: jax.Array, nk: int, ncol: int
   return jax.vmap(functools.partial(prepare, nk=nk, ncol=ncol))(stack)
 
 
-def _exact_errors(x: jax.Array, scale: jax.Array, bits: int
-                  ) -> Callable[[jax.Array], jax.Array]:
-  err = jax.vmap(functools.partial(power.block_error, bits=bits))
-  log_x = jnp.log(x)
-  return lambda a: err(x, log_x, scale, a)
-
-
 def _stack(leaves: Sequence[jax.Array], k: int, n: int) -> jax.Array:
   return jnp.stack([jnp.asarray(w).astype(jnp.float32).reshape(k, n) for w in leaves])
+
+
+def _exact(xs: jax.Array, bits: int, grid: str
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``|x|``, ``log |x|`` and each weight's code range ``d``, for :func:`block_error`."""
+  d_neg, d_pos = power.steps(bits, grid)
+  x = jnp.abs(xs)
+  d = jnp.where(xs < 0, jnp.float32(d_neg), jnp.float32(d_pos))
+  return x, jnp.log(x), d
 
 
 # The pipeline is split so that only light programs depend on a layer's shape:
@@ -220,27 +316,23 @@ def _stack(leaves: Sequence[jax.Array], k: int, n: int) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=('k', 'n', 'nk', 'ncol', 'bins'))
 def group_stats(leaves: Sequence[jax.Array], *, k: int, n: int, nk: int, ncol: int,
                 bins: int = BINS) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Finiteness ``(L,)``, block scales ``(L, nk, 1, ncol)`` and stats ``(L, bins, 2)``."""
-  stack = _stack(leaves, k, n)
-  x, scale = _prepare_stack(stack, nk, ncol)
+  """Finiteness ``(L,)``, absmax ``(L, nk, 1, ncol)`` and stats ``(L, 2, bins, 2)``."""
+  xs, scale = _prepare_stack(_stack(leaves, k, n), nk, ncol)
   # NaN and Inf reach the block absmax, so the scales tell without another pass.
   finite = jnp.all(jnp.isfinite(scale), axis=(1, 2, 3))
-  return finite, scale, _stats(x, scale, bins)
+  return finite, scale, _stats(xs, scale, bins)
 
 
-@functools.partial(jax.jit, static_argnames=('bits', 'config', 'shared'))
-def search_stats(stats: jax.Array, *, bits: int, config: SearchConfig,
-                 shared: bool = False) -> jax.Array:
-  """Exponent of each layer from binned stats ``(L, bins, 2)``: shape ``(L,)``.
+@functools.partial(jax.jit, static_argnames=('bits', 'grid', 'plan', 'config'))
+def search_stats(stats: jax.Array, alpha: jax.Array, clip: jax.Array, *, bits: int,
+                 grid: str, plan: Plan, config: SearchConfig
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Exponent and clip ratio of each layer from binned stats ``(L, 2, bins, 2)``.
 
-  With ``shared``, one exponent minimising the summed error, repeated L times.
+  ``alpha`` and ``clip`` ``(L,)`` are kept where ``plan`` does not search them.
   """
-  n = stats.shape[0]
-  if shared:
-    a = minimise(lambda a: jnp.sum(stats_error(stats, jnp.full((n,), a), bits)), (),
-                 config)
-    return jnp.full((n,), a)
-  return minimise(lambda a: stats_error(stats, a, bits), (n,), config)
+  return minimise(lambda a, c: stats_error(stats, a, c, bits, grid), alpha, clip, plan,
+                  config)
 
 
 def needs_refine(size: int, config: SearchConfig) -> bool:
@@ -248,46 +340,76 @@ def needs_refine(size: int, config: SearchConfig) -> bool:
   return config.refine_iters > 0 and size < config.refine_below
 
 
-@functools.partial(jax.jit, static_argnames=('views', 'bits', 'config', 'shared'))
-def refine_layers(groups: Sequence[Sequence[jax.Array]], alpha: jax.Array, *,
-                  views: Sequence[tuple[int, int, int, int]], bits: int,
-                  config: SearchConfig, shared: bool = False) -> jax.Array:
-  """Exact refinement of the exponents ``alpha`` (one per layer, groups in order).
+@functools.partial(jax.jit,
+                   static_argnames=('views', 'bits', 'grid', 'plan', 'config'))
+def refine_layers(groups: Sequence[Sequence[jax.Array]], alpha: jax.Array,
+                  clip: jax.Array, *, views: Sequence[tuple[int, int, int, int]],
+                  bits: int, grid: str, plan: Plan, config: SearchConfig
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Exact refinement of ``(alpha, clip)`` (one each per layer, groups in order).
 
-  ``views[i]`` is ``(K, N, nk, ncol)`` of group ``i``. With ``shared``, the summed
-  error of all layers is minimised over one exponent (``alpha`` all equal).
+  ``views[i]`` is ``(K, N, nk, ncol)`` of group ``i``.
   """
   prepared = [_prepare_stack(_stack(g, k, n), nk, ncol)
               for g, (k, n, nk, ncol) in zip(groups, views)]
-  fs = [_exact_errors(x, scale, bits) for x, scale in prepared]
-  sizes = [x.shape[0] for x, _ in prepared]
+  err = jax.vmap(functools.partial(power.block_error, grid=grid))
+  fs = [(_exact(xs, bits, grid), scale) for xs, scale in prepared]
+  sizes = [xs.shape[0] for xs, _ in prepared]
   offsets = np.cumsum([0] + sizes)
 
-  def per_layer(a):
-    return jnp.concatenate([f(a[o:o + s]) for f, o, s in zip(fs, offsets, sizes)])
+  def per_layer(a, c):
+    return jnp.concatenate([
+        err(x, log_x, d, scale, a[o:o + s], c[o:o + s])
+        for ((x, log_x, d), scale), o, s in zip(fs, offsets, sizes)])
 
-  if shared:
-    a = golden_refine(lambda a: jnp.sum(per_layer(jnp.full(alpha.shape, a))),
-                      alpha[0], config)
-    return jnp.full(alpha.shape, a)
-  return golden_refine(per_layer, alpha, config)
-
-
-def _encode(w: jax.Array, alpha: jax.Array, scale: jax.Array, nk: int, bits: int
-            ) -> tuple[jax.Array, jax.Array]:
-  q = power.encode(power.block_view(w, nk), scale, alpha, bits).reshape(w.shape)
-  return power.pack(q, bits), scale[:, 0, :]
+  return alternate(per_layer, alpha, clip, plan=plan, a_half=config.refine_width,
+                   c_half=config.refine_clip_width, iters=config.refine_iters,
+                   clip_iters=config.refine_iters, rounds=1, config=config)
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'n', 'nk', 'bits'))
-def encode_layers(leaves: Sequence[jax.Array], alpha: jax.Array, scale: jax.Array, *,
-                  k: int, n: int, nk: int, bits: int
+def _block_clip(xs: jax.Array, absmax: jax.Array, alpha: jax.Array, clip: jax.Array,
+                bits: int, grid: str, config: SearchConfig) -> jax.Array:
+  """Each block's clip ratio: the best of a few candidates around the layer's."""
+  cands = jnp.concatenate([clip[None], jnp.linspace(
+      jnp.maximum(clip - config.block_clip_width, config.clip_lo),
+      jnp.minimum(clip + config.block_clip_width, 1.0), config.block_clips)])
+  x, log_x, d = _exact(xs, bits, grid)
+
+  def block_errors(c):
+    xhat = power.reconstruct(x, log_x, d, alpha, c, grid)
+    e = jnp.sum(jnp.square(x - xhat), axis=1, keepdims=True)
+    return e if absmax.shape[2] > 1 else jnp.sum(e, axis=2, keepdims=True)
+
+  errs = jax.lax.map(block_errors, cands)
+  return cands[jnp.argmin(errs, axis=0)]
+
+
+def _encode(w: jax.Array, alpha: jax.Array, clip: jax.Array, absmax: jax.Array,
+            fp16: jax.Array, *, nk: int, bits: int, grid: str, block_clip: bool,
+            config: SearchConfig) -> tuple[jax.Array, jax.Array]:
+  w3 = power.block_view(w, nk)
+  if block_clip:
+    xs = w3 / jnp.where(absmax > 0, absmax, 1.0)
+    clip = _block_clip(xs, absmax, alpha, clip, bits, grid, config)
+  scale = absmax * clip
+  # Encode against the scale as stored, so the codes fit the rounded scale.
+  scale = jnp.where(fp16, scale.astype(jnp.float16).astype(jnp.float32), scale)
+  q = power.encode(w3, scale, alpha, bits, grid).reshape(-1, w.shape[1])[:w.shape[0]]
+  return power.pack(q, bits, power.steps(bits, grid)[0]), scale[:, 0, :]
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'n', 'nk', 'bits', 'grid',
+                                             'block_clip', 'config'))
+def encode_layers(leaves: Sequence[jax.Array], alpha: jax.Array, clip: jax.Array,
+                  absmax: jax.Array, fp16: jax.Array, *, k: int, n: int, nk: int,
+                  bits: int, grid: str, block_clip: bool, config: SearchConfig
                   ) -> tuple[list[jax.Array], list[jax.Array]]:
-  """Each layer's packed codes and ``(nk, ncol)`` scales, as separate buffers.
+  """Each layer's packed codes and ``(nk, ncol)`` float32 scales, as separate buffers.
 
-  ``scale`` is :func:`group_stats`' ``(L, nk, 1, ncol)``, so the absmax pass is not
-  repeated.
+  ``absmax`` is :func:`group_stats`' ``(L, nk, 1, ncol)``, so that pass is not
+  repeated; ``fp16`` ``(L,)`` marks the layers whose scales are rounded to float16.
   """
-  codes, scales = jax.vmap(functools.partial(_encode, nk=nk, bits=bits))(
-      _stack(leaves, k, n), alpha, scale)
+  fn = functools.partial(_encode, nk=nk, bits=bits, grid=grid, block_clip=block_clip,
+                         config=config)
+  codes, scales = jax.vmap(fn)(_stack(leaves, k, n), alpha, clip, absmax, fp16)
   return list(codes), list(scales)

@@ -52,17 +52,28 @@ class LeafSummary:
   shape: tuple[int, ...]
   dtype: str
   bits: int
+  grid: str
   exponent: float
   blocks: tuple[int, int]
   bytes_before: int
   bytes_after: int
 
   @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+  @property
+  def bits_per_weight(self) -> float:
+    """Stored bits per weight: codes, scales, the exponent and the table."""
+    return 8 * self.bytes_after / max(self.size, 1)
+
+  @property
   def granularity(self) -> str:
     """``tensor``, ``channel`` or ``group G``, read back from the scale blocks."""
     nk, ncol = self.blocks
     if nk > 1:
-      return f'group {matrix_shape(self.shape)[0] // nk}'
+      k = matrix_shape(self.shape)[0]
+      return f'group {-(-k // nk)}'
     # With a single column, per-tensor and per-channel scales are the same thing.
     return 'tensor' if ncol == 1 else 'channel'
 
@@ -86,6 +97,12 @@ class Summary:
     return sum(x.bytes_after for x in self.leaves)
 
   @property
+  def bits_per_weight(self) -> float:
+    """Stored bits per quantized weight, everything counted."""
+    weights = sum(x.size for x in self.leaves)
+    return 8 * self.quantized_after / weights if weights else 0.0
+
+  @property
   def total_before(self) -> int:
     """Bytes of the tree with every quantized leaf back at its original dtype."""
     return self.quantized_before + self.float_bytes + self.other_bytes
@@ -102,13 +119,13 @@ class Summary:
 
   def format(self) -> str:
     """A text table: one row per quantized leaf, then the totals."""
-    header = ('path', 'shape', 'dtype', 'bits', 'exponent', 'scales', 'bytes before',
-              'bytes after')
-    rows = [(x.path, 'x'.join(map(str, x.shape)) or '()', x.dtype, str(x.bits),
+    header = ('path', 'shape', 'dtype', 'bits', 'grid', 'exponent', 'scales',
+              'bytes before', 'bytes after', 'bits/weight')
+    rows = [(x.path, 'x'.join(map(str, x.shape)) or '()', x.dtype, str(x.bits), x.grid,
              f'{x.exponent:.4f}', _blocks_text(x), f'{x.bytes_before:,}',
-             f'{x.bytes_after:,}') for x in self.leaves]
+             f'{x.bytes_after:,}', f'{x.bits_per_weight:.3f}') for x in self.leaves]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    right = {3, 4, 6, 7}
+    right = {3, 5, 7, 8, 9}
 
     def line(cells: tuple[str, ...]) -> str:
       return '  '.join(c.rjust(w) if i in right else c.ljust(w)
@@ -120,7 +137,7 @@ class Summary:
       out.append('')
     out += [
         f'quantized leaves: {len(self.leaves)}, {self.quantized_before:,} -> '
-        f'{self.quantized_after:,} bytes',
+        f'{self.quantized_after:,} bytes ({self.bits_per_weight:.3f} bits/weight)',
         f'float leaves kept: {self.float_leaves}, {self.float_bytes:,} bytes',
         f'other leaves kept: {self.other_leaves}, {self.other_bytes:,} bytes',
         f'total: {self.total_before:,} -> {self.total_after:,} bytes'
@@ -142,7 +159,7 @@ def _leaf_summary(path: str, q: QArray) -> LeafSummary:
   itemsize = np.dtype(q.dtype).itemsize
   nk, ncol = q.scale.shape
   return LeafSummary(path=path, shape=tuple(q.shape), dtype=np.dtype(q.dtype).name,
-                     bits=q.bits, exponent=float(np.asarray(q.alpha)),
+                     bits=q.bits, grid=q.grid, exponent=float(np.asarray(q.alpha)),
                      blocks=(int(nk), int(ncol)), bytes_before=q.size * itemsize,
                      bytes_after=q.nbytes)
 

@@ -59,16 +59,13 @@ def check_granularity(granularity: Granularity) -> None:
         f' got {granularity!r}')
 
 
-def blocks_for(path: str, shape: tuple[int, ...], granularity: Granularity) -> Blocks:
+def blocks_for(shape: tuple[int, ...], granularity: Granularity) -> Blocks:
   """Scale blocks of a leaf of ``shape`` under ``granularity``."""
   k, n = matrix_shape(shape)
   if granularity == 'tensor':
     return Blocks(k=k, n=n, nk=1, ncol=1)
   if granularity == 'channel':
     return Blocks(k=k, n=n, nk=1, ncol=n)
-  g = int(granularity)
-  if k % g:
-    raise ValueError(
-        f'{path}: group size {g} does not divide K={k} (leaf shape {shape}, viewed as'
-        f' ({k}, {n}))')
-  return Blocks(k=k, n=n, nk=k // g, ncol=n)
+  # A group that does not divide K leaves a shorter last block: ceil(K / G) blocks
+  # of ceil(K / nk) <= G rows, the same number of scales, spread as evenly.
+  return Blocks(k=k, n=n, nk=-(-k // int(granularity)), ncol=n)

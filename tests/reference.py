@@ -54,3 +54,63 @@ def uniform_rtn(w: np.ndarray, bits: int) -> np.ndarray:
   qm = np.float32(qmax(bits))
   q = np.round(w / np.where(m > 0, m, 1) * qm)
   return (q / qm * m).astype(np.float32)
+
+
+def grid_levels(a: float, bits: int, grid: str) -> np.ndarray:
+  """Sorted levels in [-1, 1], float64: the paper's symmetric grid or the full grid."""
+  a = float(np.float32(a))
+  if grid == 'symmetric':
+    k = np.arange(-qmax(bits), qmax(bits) + 1)
+    return np.sign(k) * (np.abs(k) / qmax(bits)) ** (1.0 / a)
+  half = 2 ** (bits - 1)
+  neg = -(np.arange(half, 0, -1) / half) ** (1.0 / a)
+  pos = (np.arange(0, half) / (half - 1)) ** (1.0 / a)
+  return np.concatenate([neg, pos])
+
+
+def row_blocks(k: int, group: int | None) -> list[slice]:
+  """Row ranges sharing a scale: ceil(K / G) blocks of ceil(K / nk) rows."""
+  if group is None:
+    return [slice(0, k)]
+  nk = -(-k // group)
+  rows = -(-k // nk)
+  return [slice(i * rows, min((i + 1) * rows, k)) for i in range(nk)]
+
+
+def quantize_ref(w: np.ndarray, a: float, bits: int, grid: str = 'full',
+                 clip: float = 1.0, group: int | None = None, per_column: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(w_hat float32, distance of each weight to its nearest decision point).
+
+  Full grid: each weight takes the nearest level of ``clip * absmax * levels``
+  (a dense argmin). Symmetric grid: ``round(qmax (|x| / s) ** a)`` as in the paper.
+  """
+  w = w.astype(np.float32)
+  levels = grid_levels(a, bits, grid).astype(np.float32)
+  out = np.zeros_like(w)
+  margin = np.full(w.shape, np.inf)
+  for rows in row_blocks(w.shape[0], group):
+    b = w[rows]
+    m = np.abs(b).max(axis=0, keepdims=True) if per_column else np.abs(b).max(
+        keepdims=True)
+    s = np.float32(clip) * m
+    x = b / np.where(s > 0, s, np.float32(1))
+    if grid == 'full':
+      dist = np.abs(x[..., None].astype(np.float64) - levels)
+      k = np.argmin(dist, axis=-1)
+      mids = (levels[1:].astype(np.float64) + levels[:-1]) / 2
+      margin[rows] = np.min(np.abs(x[..., None] - mids), axis=-1)
+    else:
+      y = qmax(bits) * np.power(np.minimum(np.abs(x), 1), np.float32(a))
+      k = (np.sign(x) * np.round(y)).astype(np.int64) + qmax(bits)
+      margin[rows] = np.abs(y - np.floor(y) - 0.5)
+    out[rows] = levels[k] * s
+  return out, margin
+
+
+def quantize_error(w: np.ndarray, a: float, bits: int, grid: str = 'full',
+                   clip: float = 1.0, group: int | None = None,
+                   per_column: bool = True) -> float:
+  """||w - w_hat||^2 in float64."""
+  w_hat, _ = quantize_ref(w, a, bits, grid, clip, group, per_column)
+  return float(np.sum((w.astype(np.float64) - w_hat) ** 2))

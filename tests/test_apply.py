@@ -42,7 +42,7 @@ def test_linen_inference_matches_dequantized_params(linen):
   np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
   float_y = model.apply(variables, x, train=False)
   assert not np.array_equal(np.asarray(y), np.asarray(float_y))  # really quantized
-  np.testing.assert_allclose(np.asarray(y), np.asarray(float_y), atol=0.25)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(float_y), atol=0.3)
 
 
 def test_linen_training_step_with_mutable_batch_stats_and_rngs(linen):

@@ -124,8 +124,8 @@ def test_force(inputs, capsys):
 @pytest.mark.parametrize('argv, message', [
     (['quantize', '{d}/missing.msgpack', '{d}/o.safetensors'], 'no such file'),
     (['quantize', '{d}/w.bin', '{d}/o.safetensors'], 'unknown checkpoint format'),
-    (['quantize', '{d}/p.msgpack', '{d}/o.safetensors', '--granularity', '5'],
-     'group size 5 does not divide'),
+    (['quantize', '{d}/p.msgpack', '{d}/o.safetensors', '--exponent', '-1'],
+     'exponent must be'),
     (['quantize', '{d}/p.msgpack', '{d}/nodir/o.safetensors'], 'not a directory'),
     (['info', '{d}/p.safetensors'], 'not a pqjax checkpoint'),
     (['info', '{d}/w.bin'], 'truncated or not a safetensors file'),

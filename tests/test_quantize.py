@@ -54,14 +54,15 @@ def test_no_float_copy_in_quantized_leaves():
   params_q, _ = pqjax.quantize(_params(), 4)
   q = params_q['dense']['kernel']
   assert q.codes.dtype == np.uint8 and q.codes.shape == (16, 16)  # 2 codes a byte
-  assert q.scale.shape == (1, 16) and q.table.shape == (15,)
+  assert q.scale.shape == (1, 16) and q.table.shape == (16,)  # the full grid
 
 
 @pytest.mark.parametrize('granularity,scale_shape', [('tensor', (1, 1)),
                                                      ('channel', (1, 16)), (8, (4, 16))])
 def test_granularity_sets_the_scale_blocks(granularity, scale_shape):
   w = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
-  params_q, alphas = pqjax.quantize({'w': w}, 4, granularity=granularity)
+  params_q, alphas = pqjax.quantize({'w': w}, 4, granularity=granularity,
+                                    grid='symmetric', clip=False, scale_dtype='float32')
   q = params_q['w']
   assert q.scale.shape == scale_shape
   nk, ncol = scale_shape
@@ -115,18 +116,42 @@ def test_non_float_leaf_forced_by_filter_is_named():
     pqjax.quantize({'step': 3}, 4, filter=lambda path, leaf: True)
 
 
-def test_group_size_that_does_not_divide_k_is_named():
-  with pytest.raises(ValueError, match=r'conv/kernel: group size 5 does not divide K=36'):
-    pqjax.quantize({'conv': _params()['conv']}, 4, granularity=5)
+def test_group_size_that_does_not_divide_k_leaves_a_shorter_last_block():
+  params_q, _ = pqjax.quantize({'conv': _params()['conv']}, 4, granularity=5)
+  q = params_q['conv']['kernel']
+  assert q.scale.shape == (8, 8) and q.block_rows == 5  # K = 36: 7 blocks of 5, 1 of 1
+  assert q.scale.dtype == np.float16  # groups store float16 scales
+
+
+@pytest.mark.parametrize('clip', ['some', 0.0, 1.5, -0.2, float('nan')])
+def test_bad_clip(clip):
+  with pytest.raises(ValueError, match='clip must be'):
+    pqjax.quantize(_params(), 4, clip=clip)
+
+
+@pytest.mark.parametrize('kw', [{'grid': 'uniform'}, {'scale_dtype': 'int8'},
+                                {'scale_dtype': np.float64}])
+def test_bad_grid_and_scale_dtype(kw):
+  with pytest.raises(ValueError, match='grid|scale_dtype'):
+    pqjax.quantize(_params(), 4, **kw)
+
+
+def test_float16_scales_out_of_range_fall_back_or_are_named():
+  w = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32) * 1e-7
+  params_q, _ = pqjax.quantize({'w': w}, 4, granularity=4)
+  assert params_q['w'].scale.dtype == np.float32  # automatic: float32 when needed
+  with pytest.raises(ValueError, match='w: block scales fall outside the float16'):
+    pqjax.quantize({'w': w}, 4, granularity=4, scale_dtype=np.float16)
 
 
 def test_all_zero_tensor_and_channel_decode_to_exact_zeros():
   w = np.random.default_rng(0).standard_normal((16, 6)).astype(np.float32)
   w[:, 2] = 0
   for granularity in ('channel', 'tensor', 4):
-    for exponent in ('layer', 'global', 1.0):
+    for exponent, clip in (('layer', True), ('global', 'block'), (1.0, False)):
       params_q, alphas = pqjax.quantize({'w': w, 'z': np.zeros((8, 4), np.float32)}, 3,
-                                        granularity=granularity, exponent=exponent)
+                                        granularity=granularity, exponent=exponent,
+                                        clip=clip)
       out = pqjax.dequantize(params_q)
       assert np.all(np.isfinite(out['w'])) and np.all(out['w'][:, 2] == 0)
       assert np.all(out['z'] == 0) and np.isfinite(alphas['z'])

@@ -20,10 +20,10 @@ def packed_bytes(k: int, n: int, bits: int) -> int:
   return k * n
 
 
-def qarray_bytes(shape, bits, scales):
+def qarray_bytes(shape, bits, scales, scale_bytes=4, grid='full'):
   k, n = math.prod(shape[:-1]), shape[-1]
-  levels = 2 ** bits - 1
-  return packed_bytes(k, n, bits) + 4 * scales + 4 + 4 * levels
+  levels = 2 ** bits - (grid == 'symmetric')
+  return packed_bytes(k, n, bits) + scale_bytes * scales + 4 + 4 * levels
 
 
 @pytest.fixture(scope='module')
@@ -50,12 +50,13 @@ def test_leaf_rows_match_the_layout(tree):
   assert (r.shape, r.dtype, r.bits, r.blocks) == ((3, 5, 16), 'bfloat16', 3, (3, 16))
   assert r.granularity == 'group 5'
   assert r.bytes_before == 3 * 5 * 16 * 2
-  assert r.bytes_after == qarray_bytes((3, 5, 16), 3, 3 * 16)
+  assert r.bytes_after == qarray_bytes((3, 5, 16), 3, 3 * 16, scale_bytes=2)
+  assert r.bits_per_weight == 8 * r.bytes_after / (3 * 5 * 16)
   assert r.exponent == pytest.approx(0.7)
 
   r = rows['emb/0']
   assert (r.blocks, r.granularity, r.bytes_before) == ((6, 7), 'group 5', 30 * 7 * 2)
-  assert r.bytes_after == qarray_bytes((30, 7), 3, 6 * 7)
+  assert r.bytes_after == qarray_bytes((30, 7), 3, 6 * 7, scale_bytes=2)
 
   r = rows['extra/w']
   assert (r.bits, r.blocks, r.granularity) == (6, (1, 1), 'tensor')
@@ -89,15 +90,18 @@ def test_table_text(tree):
   text = s.format()
   assert text == str(s)
   lines = text.splitlines()
-  assert lines[0].split() == ['path', 'shape', 'dtype', 'bits', 'exponent', 'scales',
-                              'bytes', 'before', 'bytes', 'after']
+  assert lines[0].split() == ['path', 'shape', 'dtype', 'bits', 'grid', 'exponent',
+                              'scales', 'bytes', 'before', 'bytes', 'after',
+                              'bits/weight']
   for r in s.leaves:
     (line,) = [x for x in lines if x.startswith(r.path + ' ')]
     cells = line.split()
     assert cells[1] == 'x'.join(map(str, r.shape)) and cells[2] == r.dtype
-    assert cells[3] == str(r.bits) and cells[-2:] == [f'{r.bytes_before:,}',
-                                                       f'{r.bytes_after:,}']
+    assert cells[3] == str(r.bits) and cells[-3:] == [
+        f'{r.bytes_before:,}', f'{r.bytes_after:,}', f'{r.bits_per_weight:.3f}']
   assert f'total: {s.total_before:,} -> {s.total_after:,} bytes' in text
+  weights = sum(np.prod(r.shape) for r in s.leaves)
+  assert f'({8 * s.quantized_after / weights:.3f} bits/weight)' in text
 
 
 def test_public_names():
