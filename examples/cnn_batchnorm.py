@@ -16,7 +16,7 @@ import pqjax
 class CNN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    for features in (32, 64):
+    for features in (16, 32):
       x = nn.Conv(features, (3, 3))(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
       x = nn.relu(x)
@@ -43,7 +43,7 @@ def main() -> None:
     return optax.apply_updates(params, updates), stats, opt_state
 
   opt_state = opt.init(params)
-  for _ in range(150):
+  for _ in range(100):
     params, stats, opt_state = step(params, stats, opt_state)
 
   params_q, _ = pqjax.quantize(params, bits=4)
