@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pqjax import power, search, tree
+from pqjax import power, search, sharding, tree
 from pqjax.qarray import QArray
 
 Exponent = str | float
@@ -189,18 +189,33 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   chosen = _select(flat, filter)
 
-  groups: dict[tree.Blocks, list[tuple[int, str, Any]]] = {}
+  # Leaves are batched by block shape and by sharding: a batch is stacked shard by
+  # shard.
+  groups: dict[tuple[tree.Blocks, sharding.Layout | None],
+               list[tuple[int, str, Any]]] = {}
   for i, name, leaf in chosen:
-    groups.setdefault(tree.blocks_for(tuple(leaf.shape), granularity), []).append(
-        (i, name, leaf))
+    b = tree.blocks_for(tuple(leaf.shape), granularity)
+    layout = sharding.layout_of(name, leaf)
+    if layout is not None:
+      sharding.check(name, layout, b, bits, clip_mode == 'block')
+    groups.setdefault((b, layout), []).append((i, name, leaf))
 
   members = list(groups.values())
+  blocks = [b for b, _ in groups]
+  layouts = [layout for _, layout in groups]
+  # Exponents and tables of sharded leaves are replicated on their mesh.
+  placement = sharding.common_sharding(layouts)
   leaves = [tuple(leaf for _, _, leaf in m) for m in members]
-  weights = [b.k * b.n * len(m) for b, m in zip(groups, members)]
+  weights = [b.k * b.n * len(m) for b, m in zip(blocks, members)]
   bar = _progress_bar(2 * sum(weights), progress)
   stats = []
-  for g, b, w in zip(leaves, groups, weights):
-    stats.append(search.group_stats(g, bins=search_config.bins, **dataclasses.asdict(b)))
+  for g, b, layout, w in zip(leaves, blocks, layouts, weights):
+    if layout is None:
+      stats.append(search.group_stats(g, bins=search_config.bins,
+                                      **dataclasses.asdict(b)))
+    else:
+      stats.append(sharding.group_stats(g, layout=layout, bins=search_config.bins,
+                                        **dataclasses.asdict(b)))
     _advance(bar, stats[-1], w)
   for (finite, _, _), m in zip(stats, members):
     for ok, (_, name, leaf) in zip(np.asarray(finite), m):
@@ -214,10 +229,17 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
   alphas = jnp.full((n,), 1.0 if isinstance(exponent, str) else exponent, jnp.float32)
   clips = jnp.full((n,), clip_ratio, jnp.float32)
   if n and (plan.search_alpha or plan.search_clip):
+    # The search runs on one device, from the statistics of every shard: its
+    # result is the same as for unsharded leaves, bit for bit.
     alphas, clips = search.search_stats(
-        jnp.concatenate([s for _, _, s in stats]), alphas, clips, bits=bits, grid=grid,
-        plan=plan, config=search_config)
-    alphas, clips = _refine(alphas, clips, leaves, list(groups), plan, bits, grid,
+        jnp.concatenate([sharding.gather(s) for _, _, s in stats]), alphas, clips,
+        bits=bits, grid=grid, plan=plan, config=search_config)
+    # So is the exact refinement of layers under refine_below weights: such a layer
+    # is gathered, on one device.
+    small = [sharding.gather(g) if layout is not None
+             and b.k * b.n < search_config.refine_below else g
+             for g, b, layout in zip(leaves, blocks, layouts)]
+    alphas, clips = _refine(alphas, clips, small, blocks, plan, bits, grid,
                             search_config)
 
   offsets = np.cumsum([0] + sizes)
@@ -225,8 +247,8 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
   low = search_config.clip_lo if clip_mode == 'block' else 1.0
   out = [leaf for _, leaf in flat]
   alpha_out: list[float | None] = [None] * len(flat)
-  for g, b, m, o, (_, absmax, _), w in zip(leaves, groups, members, offsets, stats,
-                                          weights):
+  for g, b, layout, m, o, (_, absmax, _), w in zip(leaves, blocks, layouts, members,
+                                                  offsets, stats, weights):
     if fp16 is None and isinstance(granularity, str):
       half = np.zeros(len(m), bool)
     else:
@@ -239,16 +261,23 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
                          ' use scale_dtype=float32')
       if fp16 == np.dtype(np.float32):
         half[:] = False
-    codes, scales = search.encode_layers(
-        g, alphas[o:o + len(m)], clips[o:o + len(m)], absmax, jnp.asarray(half),
-        k=b.k, n=b.n, nk=b.nk, bits=bits, grid=grid, block_clip=clip_mode == 'block',
-        config=search_config)
+    options = dict(k=b.k, n=b.n, nk=b.nk, bits=bits, grid=grid,
+                   block_clip=clip_mode == 'block', config=search_config)
+    a, c = alphas[o:o + len(m)], clips[o:o + len(m)]
+    if layout is None:
+      codes, scales = search.encode_layers(g, a, c, absmax, jnp.asarray(half), **options)
+    else:
+      codes, scales = sharding.encode_layers(g, a, c, absmax, jnp.asarray(half),
+                                             layout=layout, **options)
     _advance(bar, codes, w)
+    where = None if layout is None else placement
     for j, (i, _, leaf) in enumerate(m):
       alpha = host_alphas[o + j]
       scale = scales[j].astype(jnp.float16) if half[j] else scales[j]
-      out[i] = QArray(codes=codes[j], scale=scale, alpha=jnp.float32(alpha),
-                      table=jnp.asarray(power.decode_table(alpha, bits, grid)),
+      out[i] = QArray(codes=codes[j], scale=scale,
+                      alpha=sharding.place(jnp.float32(alpha), where),
+                      table=sharding.place(
+                          jnp.asarray(power.decode_table(alpha, bits, grid)), where),
                       bits=bits, shape=tuple(leaf.shape), dtype=np.dtype(leaf.dtype))
       alpha_out[i] = float(alpha)
   if bar is not None:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pqjax import power
+from pqjax import power, tiles
 
 _INV_PHI = (5 ** 0.5 - 1) / 2
 
@@ -320,7 +320,43 @@ def group_stats(leaves: Sequence[jax.Array], *, k: int, n: int, nk: int, ncol: i
   xs, scale = _prepare_stack(_stack(leaves, k, n), nk, ncol)
   # NaN and Inf reach the block absmax, so the scales tell without another pass.
   finite = jnp.all(jnp.isfinite(scale), axis=(1, 2, 3))
-  return finite, scale, _stats(xs, scale, bins)
+  tk, tn = tiles.counts(xs.shape[1] * xs.shape[2], n)
+  return finite, scale, tile_stats(xs, scale, tk, tn, bins, fold=True)
+
+
+def tile_stats(xs: jax.Array, scale: jax.Array, tk: int, tn: int, bins: int,
+               fold: bool) -> jax.Array:
+  """Stats of each of ``tk x tn`` tiles of ``xs`` ``(L, nk, rows, N)``, row-major.
+
+  ``(L, tk * tn, 2, bins, 2)``, or with ``fold`` their sum in tile order
+  ``(L, 2, bins, 2)`` (see :mod:`pqjax.tiles`). One tile at a time keeps the
+  scatter's target small.
+  """
+  n_layers, nk, rows, n = xs.shape
+  x = xs.reshape(n_layers, nk * rows, n)
+  kt, nt = nk * rows // tk, n // tn
+  # Group scales change along K inside a tile: slice them row by row.
+  per_row = jnp.broadcast_to(scale, (n_layers, nk, rows, scale.shape[3])).reshape(
+      n_layers, nk * rows, scale.shape[3])
+
+  def tile(t: jax.Array) -> jax.Array:
+    i, j = t // tn, t % tn
+    xt = jax.lax.dynamic_slice(x, (0, i * kt, j * nt), (n_layers, kt, nt))
+    if nk == 1:
+      st = scale if scale.shape[3] == 1 else jax.lax.dynamic_slice(
+          scale, (0, 0, 0, j * nt), (n_layers, 1, 1, nt))
+    else:
+      cols = (j * nt, nt) if scale.shape[3] > 1 else (0, 1)
+      st = jax.lax.dynamic_slice(per_row, (0, i * kt, cols[0]),
+                                 (n_layers, kt, cols[1]))[:, None]
+    return _stats(xt[:, None], st, bins)
+
+  first = tile(jnp.int32(0))
+  if fold:
+    return jax.lax.fori_loop(1, tk * tn, lambda t, acc: acc + tile(t), first)
+  out = jnp.zeros((tk * tn, *first.shape), first.dtype).at[0].set(first)
+  out = jax.lax.fori_loop(1, tk * tn, lambda t, o: o.at[t].set(tile(t)), out)
+  return jnp.moveaxis(out, 0, 1)
 
 
 @functools.partial(jax.jit, static_argnames=('bits', 'grid', 'plan', 'config'))

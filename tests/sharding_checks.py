@@ -1,0 +1,219 @@
+"""Quantizing, decoding and saving leaves sharded over 8 devices.
+
+Run by ``test_sharding.py`` in a fresh interpreter with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (JAX reads the flag once).
+Every sharded result is compared with the same leaves quantized on one device.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import pqjax
+from pqjax import sharding, tree
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 devices')
+
+MESHES = {'8': ((8,), ('x',)), '2x4': ((2, 4), ('x', 'y')), '4x2': ((4, 2), ('x', 'y'))}
+
+
+def _mesh(name):
+  shape, axes = MESHES[name]
+  return Mesh(np.array(jax.devices()[:8]).reshape(shape), axes)
+
+
+def _specs(axes):
+  """Kernels cut on the input axis (K), the output axis (N) and both."""
+  if len(axes) == 1:
+    return {'input': P('x', None), 'output': P(None, 'x')}
+  return {'input': P('x', None), 'output': P(None, 'y'), 'both': P('x', 'y'),
+          'all_on_k': P(('x', 'y'), None)}
+
+
+def _params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {'dense': rng.standard_normal((256, 96)).astype(np.float32) * 0.05,
+          'laplace': rng.laplace(size=(64, 384)).astype(np.float32),
+          'big': rng.standard_normal((512, 320)).astype(np.float32)}
+
+
+def _put(params, mesh, spec):
+  return {k: jax.device_put(v, NamedSharding(mesh, spec)) for k, v in params.items()}
+
+
+def _same_sharding(a, b):
+  return a.sharding.is_equivalent_to(b.sharding, a.ndim)
+
+
+def _check_against_one_device(q, ref, alphas, ref_alphas, leaves):
+  for name, leaf in leaves.items():
+    got, want = q[name], ref[name]
+    assert alphas[name] == ref_alphas[name], name
+    for f in ('codes', 'scale', 'alpha', 'table'):
+      np.testing.assert_array_equal(np.asarray(getattr(got, f)),
+                                    np.asarray(getattr(want, f)), err_msg=f'{name}.{f}')
+    spec = leaf.sharding.spec
+    mesh = leaf.sharding.mesh
+    assert got.codes.sharding.is_equivalent_to(NamedSharding(mesh, spec), 2), name
+    ncol, nk = got.scale.shape[1], got.scale.shape[0]
+    want_scale = P(spec[0] if nk > 1 else None, spec[1] if ncol > 1 else None)
+    assert got.scale.sharding.is_equivalent_to(NamedSharding(mesh, want_scale), 2), name
+    decoded = jax.jit(lambda x: x.dequantize())(got)
+    assert _same_sharding(decoded, leaf), (name, decoded.sharding, leaf.sharding)
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(want.dequantize()))
+
+
+@pytest.mark.parametrize('mesh_name', list(MESHES))
+def test_quantize_matches_one_device(mesh_name):
+  mesh = _mesh(mesh_name)
+  params = _params()
+  ref, ref_alphas = pqjax.quantize(params, 4)
+  for label, spec in _specs(mesh.axis_names).items():
+    leaves = _put(params, mesh, spec)
+    q, alphas = pqjax.quantize(leaves, 4)
+    _check_against_one_device(q, ref, alphas, ref_alphas, leaves)
+    assert all(v is not None for v in alphas.values()), label
+
+
+@pytest.mark.parametrize('bits,granularity', [(3, 'channel'), (8, 'tensor'), (2, 16),
+                                              (4, 32)])
+def test_bits_and_granularities(bits, granularity):
+  mesh = _mesh('2x4')
+  params = _params(1)
+  ref, ref_alphas = pqjax.quantize(params, bits, granularity=granularity)
+  for spec in (P('x', 'y'), P(None, 'y'), P('x', None)):
+    leaves = _put(params, mesh, spec)
+    q, alphas = pqjax.quantize(leaves, bits, granularity=granularity)
+    _check_against_one_device(q, ref, alphas, ref_alphas, leaves)
+
+
+def test_conv_kernel_and_global_exponent():
+  mesh = _mesh('4x2')
+  rng = np.random.default_rng(2)
+  params = {'conv': rng.standard_normal((4, 3, 8, 64)).astype(np.float32),
+            'dense': rng.standard_normal((128, 32)).astype(np.float32)}
+  ref, ref_alphas = pqjax.quantize(params, 4, exponent='global')
+  leaves = {'conv': jax.device_put(params['conv'],
+                                   NamedSharding(mesh, P('x', None, None, 'y'))),
+            'dense': jax.device_put(params['dense'], NamedSharding(mesh, P(None, 'x')))}
+  q, alphas = pqjax.quantize(leaves, 4, exponent='global')
+  for name in params:
+    assert alphas[name] == ref_alphas[name]
+    np.testing.assert_array_equal(np.asarray(q[name].codes), np.asarray(ref[name].codes))
+    decoded = jax.jit(pqjax.dequantize)(q)[name]
+    assert _same_sharding(decoded, leaves[name])
+
+
+def test_wrapped_apply_on_sharded_params_and_inputs():
+  mesh = _mesh('2x4')
+  rng = np.random.default_rng(3)
+  params = {'w1': rng.standard_normal((64, 256)).astype(np.float32) * 0.1,
+            'b1': np.zeros(256, np.float32),
+            'w2': rng.standard_normal((256, 32)).astype(np.float32) * 0.1}
+  x = rng.standard_normal((16, 64)).astype(np.float32)
+
+  def apply(p, x):
+    return jax.nn.relu(x @ p['w1'] + p['b1']) @ p['w2']
+
+  ref_q, _ = pqjax.quantize(params, 4)
+  # Megatron-style: the first kernel cut on its outputs, the second on its inputs.
+  sharded = {'w1': jax.device_put(params['w1'], NamedSharding(mesh, P(None, 'y'))),
+             'b1': jax.device_put(params['b1'], NamedSharding(mesh, P('y'))),
+             'w2': jax.device_put(params['w2'], NamedSharding(mesh, P('y', None)))}
+  params_q, _ = pqjax.quantize(sharded, 4)
+  xs = jax.device_put(x, NamedSharding(mesh, P('x', None)))
+  fn = jax.jit(pqjax.wrap(apply))
+  want = np.asarray(fn(ref_q, x))
+  got = fn(params_q, xs)
+  # The decoded weights are identical; the sharded product sums in another order.
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  ref_float = apply(pqjax.dequantize(ref_q), x)
+  np.testing.assert_allclose(want, np.asarray(ref_float), rtol=1e-5, atol=1e-5)
+
+
+def _collectives(hlo):
+  """``(op, element count)`` of every collective in an HLO module's text."""
+  out = []
+  for m in re.finditer(r'= ([a-z0-9]+)\[([0-9,]*)\][^=]*? (all-gather|all-reduce|'
+                       r'all-to-all|collective-permute|reduce-scatter)(-start)?\(',
+                       hlo):
+    dims = [int(d) for d in m.group(2).split(',') if d]
+    out.append((m.group(3), int(np.prod(dims)) if dims else 1))
+  return out
+
+
+@pytest.mark.parametrize('spec', [P('x', 'y'), P(None, 'y'), P(('x', 'y'), None)])
+def test_compiled_passes_move_no_weights(spec):
+  """The stats and encoding programs move histograms and scales, never weights."""
+  mesh = _mesh('2x4')
+  k, n = 2048, 1024
+  leaves = (jax.device_put(jnp.ones((k, n), jnp.float32), NamedSharding(mesh, spec)),)
+  layout = sharding.layout_of('w', leaves[0])
+  b = tree.blocks_for((k, n), 'channel')
+  stats_hlo = sharding.group_stats.lower(
+      leaves, layout=layout, k=k, n=n, nk=b.nk, ncol=b.ncol).compile().as_text()
+  shard = k * n // 8
+  found = _collectives(stats_hlo)
+  assert found, 'the statistics are reduced across shards'
+  assert max(size for _, size in found) < shard, found
+  _, absmax, _ = sharding.group_stats(leaves, layout=layout, k=k, n=n, nk=b.nk,
+                                      ncol=b.ncol)
+  one = jnp.ones((1,), jnp.float32)
+  encode_hlo = sharding.encode_layers.lower(
+      leaves, one, one, absmax, jnp.zeros((1,), bool), layout=layout, k=k, n=n,
+      nk=b.nk, bits=4, grid='full', block_clip=False,
+      config=pqjax.SearchConfig()).compile().as_text()
+  assert not [c for c in _collectives(encode_hlo) if c[1] >= n], encode_hlo[:2000]
+  assert 'all-gather' not in encode_hlo
+
+
+def test_orbax_round_trip_onto_the_mesh(tmp_path):
+  mesh = _mesh('2x4')
+  params = _put(_params(4), mesh, P('x', 'y'))
+  params_q, _ = pqjax.quantize(params, 4)
+  pqjax.save_orbax(tmp_path / 'q', params_q)
+  target = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params_q)
+  restored = pqjax.load_orbax(tmp_path / 'q', target=target)
+  for name in params:
+    for f in ('codes', 'scale', 'alpha', 'table'):
+      got, want = getattr(restored[name], f), getattr(params_q[name], f)
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+      assert got.sharding.is_equivalent_to(want.sharding, got.ndim), (name, f)
+  # Onto another layout: the restored codes take the target's sharding.
+  other = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(
+          mesh, P(None, 'x') if a.ndim == 2 else P())), params_q)
+  moved = pqjax.load_orbax(tmp_path / 'q', target=other)
+  assert moved['big'].codes.sharding.spec == P(None, 'x')
+  np.testing.assert_array_equal(np.asarray(moved['big'].codes),
+                                np.asarray(params_q['big'].codes))
+  unsharded = pqjax.load_orbax(tmp_path / 'q')
+  np.testing.assert_array_equal(np.asarray(unsharded['dense'].codes),
+                                np.asarray(params_q['dense'].codes))
+
+
+def test_unsupported_layouts_name_the_leaf():
+  mesh = _mesh('2x4')
+  rng = np.random.default_rng(5)
+  w = rng.standard_normal((24, 16)).astype(np.float32)
+  # 3 bits pack 8 rows to a unit; 24 rows over 4 shards leaves 6 a shard.
+  leaf = jax.device_put(w, NamedSharding(Mesh(np.array(jax.devices()[:4]), ('k',)),
+                                         P('k', None)))
+  with pytest.raises(ValueError, match=r'w: at 3 bits codes are packed 8 rows'):
+    pqjax.quantize({'w': leaf}, 3)
+  with pytest.raises(ValueError, match=r'w: groups of 8 rows do not tile'):
+    pqjax.quantize({'w': jax.device_put(w, NamedSharding(mesh, P('x', None)))}, 4,
+                   granularity=8)
+  with pytest.raises(ValueError, match=r'w: clip="block" needs each scale block'):
+    pqjax.quantize({'w': jax.device_put(w, NamedSharding(mesh, P('x', None)))}, 4,
+                   clip='block')
+  conv = jax.device_put(rng.standard_normal((3, 4, 8)).astype(np.float32),
+                        NamedSharding(mesh, P(None, 'y', None)))
+  with pytest.raises(ValueError, match=r'w: sharding .* contiguous'):
+    pqjax.quantize({'w': conv}, 4)
