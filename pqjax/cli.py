@@ -27,6 +27,17 @@ def _exponent(text: str) -> str | float:
         f'must be "layer", "global" or a number, got {text!r}') from None
 
 
+def _clip(text: str) -> bool | str | float:
+  named = {'layer': True, 'on': True, 'block': 'block', 'off': False}
+  if text in named:
+    return named[text]
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f'must be "layer", "block", "off" or a ratio, got {text!r}') from None
+
+
 def _bits_list(text: str) -> tuple[int, ...]:
   try:
     bits = tuple(int(b) for b in text.split(','))
@@ -84,7 +95,7 @@ def _quantize(args: argparse.Namespace) -> int:
   params = checkpoint.load_float(args.input)
   start = time.perf_counter()
   params_q, _ = quantize(params, args.bits, granularity=args.granularity,
-                         exponent=args.exponent)
+                         exponent=args.exponent, grid=args.grid, clip=args.clip)
   jax.block_until_ready(params_q)
   seconds = time.perf_counter() - start
   checkpoint.save(out, params_q, format=fmt, overwrite=args.force)
@@ -122,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help='"channel", "tensor" or a group size (default: channel)')
   p.add_argument('--exponent', type=_exponent, default='layer',
                  help='"layer", "global" or a fixed exponent (default: layer)')
+  p.add_argument('--grid', choices=('full', 'symmetric'), default='full',
+                 help='"full" (all 2**bits codes) or "symmetric" (the paper\'s grid)'
+                 ' (default: full)')
+  p.add_argument('--clip', type=_clip, default=True,
+                 help='"layer" (a clip ratio searched per leaf), "block", "off" or a'
+                 ' fixed ratio in (0, 1] (default: layer)')
   p.add_argument('--format', choices=('safetensors', 'orbax'),
                  help='output format (default: from the output name)')
   p.add_argument('--force', action='store_true', help='overwrite an existing output')

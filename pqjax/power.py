@@ -82,13 +82,24 @@ def block_absmax(w3: jax.Array, ncol: int) -> jax.Array:
   return m
 
 
-def _safe(scale: jax.Array) -> jax.Array:
-  return jnp.where(scale > 0, scale, 1.0)
+# XLA:CPU divides by multiplying with the reciprocal, and flushes a subnormal
+# reciprocal to zero: scales above 2 ** 126 would zero their block. Both sides are
+# scaled down by a power of two first, which is exact.
+_BIG = 2.0 ** 64
+
+
+def divide(w: jax.Array, scale: jax.Array) -> jax.Array:
+  """``w / scale`` in float32; a zero scale gives zeros, never NaN."""
+  w = w.astype(jnp.float32)
+  big = scale > _BIG
+  w = jnp.where(big, w * (1 / _BIG), w)
+  scale = jnp.where(big, scale * (1 / _BIG), jnp.where(scale > 0, scale, 1.0))
+  return w / scale
 
 
 def normalise(w3: jax.Array, scale: jax.Array) -> jax.Array:
   """``|w| / m`` in [0, 1]; an all-zero block gives zeros, never NaN."""
-  return jnp.abs(w3.astype(jnp.float32)) / _safe(scale)
+  return jnp.abs(divide(w3, scale))
 
 
 def level_magnitude(k: jax.Array, alpha: jax.Array, d: jax.Array | int) -> jax.Array:
@@ -157,7 +168,7 @@ def encode(w3: jax.Array, scale: jax.Array, alpha: jax.Array, bits: int,
   ``scale`` is the block scale the levels are multiplied by: the block's absmax, or
   less when clipping, in which case magnitudes beyond it take the largest level.
   """
-  x = w3.astype(jnp.float32) / _safe(scale)
+  x = divide(w3, scale)
   if bits <= THRESHOLD_BITS:
     t = thresholds(alpha, bits, grid)
     u = jnp.zeros(x.shape, jnp.int32)

@@ -40,7 +40,7 @@ def inputs(tmp_path, params):
 def summary_numbers(s):
   """The numbers of a Summary as the table prints them."""
   rows = [(r.path, str(r.bits), f'{r.exponent:.4f}', f'{r.bytes_before:,}',
-           f'{r.bytes_after:,}') for r in s.leaves]
+           f'{r.bytes_after:,}', f'{r.bits_per_weight:.3f}') for r in s.leaves]
   return rows, f'total: {s.total_before:,} -> {s.total_after:,} bytes'
 
 
@@ -50,7 +50,7 @@ def printed_numbers(text):
     if not line.strip():
       break
     cells = line.split()
-    rows.append((cells[0], cells[3], cells[4], cells[-2], cells[-1]))
+    rows.append((cells[0], cells[3], cells[5], cells[-3], cells[-2], cells[-1]))
   (total,) = [x for x in text.splitlines() if x.startswith('total: ')]
   return rows, total.split(' (')[0]
 
@@ -98,6 +98,21 @@ def test_format_flag_and_defaults(inputs, capsys):
   assert kernel.scale.shape == (1, 1) and float(kernel.alpha) == float(table.alpha)
 
 
+def test_grid_and_clip_flags(inputs, params):
+  for i, (flags, kwargs) in enumerate((
+      (['--grid', 'symmetric', '--clip', 'off'],
+       dict(grid='symmetric', clip=False)),
+      (['--clip', 'block'], dict(clip='block')),
+      (['--clip', '0.8', '--exponent', '0.7'], dict(clip=0.8, exponent=0.7)))):
+    out = inputs / f'q{i}.safetensors'
+    assert main(['quantize', str(inputs / 'p.msgpack'), str(out), *flags]) == 0
+    got = pqjax.load_safetensors(out)['dense']['kernel']
+    want = pqjax.quantize(params, 4, **kwargs)[0]['dense']['kernel']
+    assert got.grid == want.grid
+    np.testing.assert_array_equal(got.codes, want.codes)
+    np.testing.assert_array_equal(got.scale, want.scale)
+
+
 def test_force(inputs, capsys):
   out = inputs / 'q.safetensors'
   argv = ['quantize', str(inputs / 'p.msgpack'), str(out), '--bits', '2']
@@ -126,6 +141,8 @@ def test_force(inputs, capsys):
     (['quantize', '{d}/w.bin', '{d}/o.safetensors'], 'unknown checkpoint format'),
     (['quantize', '{d}/p.msgpack', '{d}/o.safetensors', '--exponent', '-1'],
      'exponent must be'),
+    (['quantize', '{d}/p.msgpack', '{d}/o.safetensors', '--clip', '1.5'],
+     'clip must be'),
     (['quantize', '{d}/p.msgpack', '{d}/nodir/o.safetensors'], 'not a directory'),
     (['info', '{d}/p.safetensors'], 'not a pqjax checkpoint'),
     (['info', '{d}/w.bin'], 'truncated or not a safetensors file'),
