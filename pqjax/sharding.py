@@ -158,7 +158,7 @@ def group_stats(leaves: Sequence[jax.Array], *, layout: Layout, k: int, n: int, 
       m = jax.lax.pmax(m, layout.kaxes)
     if ncol == 1 and layout.naxes:
       m = jax.lax.pmax(m, layout.naxes)
-    xs = w3 / jnp.where(m > 0, m, 1.0)
+    xs = power.divide(w3, m)  # as search.prepare
     sums = search.tile_stats(xs, m, tkl, tnl, bins, fold=False)
     sums = sums.reshape(len(ws), 1, tkl, tnl, *sums.shape[2:])
     return bad, m, _reduce(sums, every, kx, nx)
