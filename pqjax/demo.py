@@ -53,7 +53,7 @@ def _fidelity(label: str, model: minilm.MiniLM, params_q: Any, seconds: float,
 
 def run(bits: int = 4, granularity: Any = 'channel', sentences: int = 512,
         out: str | Path | None = None, report_sentences: int = 128) -> Report:
-  """Quantizes MiniLM with pqjax and with uniform RTN; measures both against fp32.
+  """Quantizes MiniLM with pqjax, the paper's grid and uniform RTN; measures each.
 
   With ``out``, also writes the report folder there (:mod:`pqjax.report`), whose
   fidelity against bits uses ``report_sentences`` sentences.
@@ -64,17 +64,18 @@ def run(bits: int = 4, granularity: Any = 'channel', sentences: int = 512,
 
   rows = []
   results = {}
-  for label, exponent in (('pqjax (exponent per layer)', 'layer'),
-                          ('uniform RTN (exponent 1)', 1.0)):
+  for label, setting in (('pqjax (defaults)', 'pqjax'),
+                         ('paper grid (no clipping)', 'paper'),
+                         ('uniform RTN (exponent 1)', 'uniform')):
     start = time.perf_counter()
     params_q, alphas = quantize(model.params, bits, granularity=granularity,
-                                exponent=exponent)
+                                **report.SETTINGS[setting])
     jax.block_until_ready(params_q)
     seconds = time.perf_counter() - start
     results[label] = (params_q, alphas)
     rows.append(_fidelity(label, model, params_q, seconds, text, reference))
 
-  params_q, _ = results['pqjax (exponent per layer)']
+  params_q, _ = results['pqjax (defaults)']
   exponents = [(path_str(p), q.shape, float(q.alpha)) for p, q in
                jax.tree_util.tree_leaves_with_path(params_q, is_leaf=is_qarray)
                if isinstance(q, QArray)]
@@ -103,7 +104,7 @@ def format_report(report: Report) -> str:
   lines += [f'  {r.label:<28} {r.relative_error:11.5f} {r.mean_cosine:9.4f}'
             f' {r.min_cosine:8.4f} {r.nbytes / mb:7.2f} {r.seconds:11.2f}'
             for r in report.rows]
-  pq, uni = report.rows
+  pq, uni = report.rows[0], report.rows[-1]
   lines += ['', f'Reconstruction error of pqjax / uniform at {report.bits} bits:'
             f' {pq.relative_error / uni.relative_error:.3f}',
             f'Size: {report.float_nbytes / mb:.1f} MB fp32 -> {pq.nbytes / mb:.1f} MB'

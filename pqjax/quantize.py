@@ -171,7 +171,7 @@ def quantize(params: Any, bits: int = 4, *, granularity: tree.Granularity = 'cha
       the ``/``-joined key path. Default: floating leaves with ndim >= 2.
     search_config: ranges and resolution of the search (default
       :class:`SearchConfig`: exponents in [0.05, 2.0], clip ratios in [0.3, 1]).
-    progress: show a tqdm progress bar on stderr. Default: for trees of 100M weights
+    progress: show a tqdm progress bar on stderr. Default: for trees of 50M weights
       or more, when stderr is a terminal.
 
   Returns:

@@ -115,13 +115,6 @@ def golden(f: Callable[[jax.Array], jax.Array], lo: jax.Array, hi: jax.Array,
   return jnp.where(fc <= fd, c, d), jnp.minimum(fc, fd)
 
 
-def golden_keep(f: Callable[[jax.Array], jax.Array], x0: jax.Array, lo: jax.Array,
-                hi: jax.Array, iters: int) -> jax.Array:
-  """Golden-section of ``f`` on ``[lo, hi]``; keeps ``x0`` where it is no worse."""
-  x, e = golden(f, lo, hi, iters)
-  return jnp.where(e <= f(x0), x, x0)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Plan:
   """What the search varies: the exponent unless fixed, the clip ratio if searched.
@@ -138,44 +131,119 @@ class Plan:
   shared: bool = False
 
 
-def _alpha_step(f: Objective, a: jax.Array, c: jax.Array, half: float, lo: float,
-                hi: float, iters: int, shared: bool) -> jax.Array:
-  if shared:
-    g = lambda s: jnp.sum(f(jnp.full(a.shape, s), c))
-    s = golden_keep(g, a[0], jnp.maximum(a[0] - half, lo), jnp.minimum(a[0] + half, hi),
-                    iters)
-    return jnp.full(a.shape, s)
-  return golden_keep(lambda s: f(s, c), a, jnp.maximum(a - half, lo),
-                     jnp.minimum(a + half, hi), iters)
+# Golden-section phases, alternating between the exponent and the clip ratio, run as
+# one loop that evaluates the objective once per step: XLA then compiles the
+# objective once, not once per phase. Each phase spends two steps on its first two
+# points, then narrows the bracket; at its end the better point replaces the current
+# one only if it is no worse. Step kinds:
+_FIRST, _SECOND, _NARROW, _EVAL = 0, 1, 2, 3
 
 
-def _clip_step(f: Objective, a: jax.Array, c: jax.Array, half: float, lo: float,
-               iters: int) -> jax.Array:
-  return golden_keep(lambda s: f(a, s), c, jnp.maximum(c - half, lo),
-                     jnp.minimum(c + half, 1.0), iters)
+def _schedule(plan: Plan, a_half: float, c_half: float, iters: int, clip_iters: int,
+              rounds: int) -> tuple[np.ndarray, ...]:
+  """Per step: kind, variable (0 exponent, 1 clip), bracket half-width, phase end.
+
+  The first step evaluates the starting point, which the phases must beat.
+  """
+  kind, var, half, last = [_EVAL], [1], [0.0], [False]
+  for r in range(rounds):
+    for v, on, h, n in ((0, plan.search_alpha, a_half, iters),
+                        (1, plan.search_clip, c_half, clip_iters)):
+      if not on:
+        continue
+      steps = [_FIRST, _SECOND] + [_NARROW] * n
+      kind += steps
+      var += [v] * len(steps)
+      half += [h * 0.5 ** r] * len(steps)
+      last += [False] * (len(steps) - 1) + [True]
+  return (np.array(kind, np.int32), np.array(var, np.int32),
+          np.array(half, np.float32), np.array(last, bool))
 
 
 def alternate(f: Objective, a: jax.Array, c: jax.Array, *, plan: Plan, a_half: float,
               c_half: float, iters: int, clip_iters: int, rounds: int,
               config: SearchConfig) -> tuple[jax.Array, jax.Array]:
-  """Golden-section steps on ``a`` then ``c`` around ``(a, c)``; brackets halve each
-  round. Never worse than the start."""
-  for r in range(rounds):
-    scale = 0.5 ** r
-    if plan.search_alpha:
-      a = _alpha_step(f, a, c, a_half * scale, config.lo, config.hi, iters, plan.shared)
-    if plan.search_clip:
-      c = _clip_step(f, a, c, c_half * scale, config.clip_lo, clip_iters)
-  return a, c
+  """Alternating golden-section on ``a`` then ``c``, from ``(a, c)``.
+
+  Brackets are the current point +- the half-widths, halved each round. Never
+  worse than the start. With ``plan.shared`` the exponent steps compare summed
+  errors, so the exponent stays the same for every layer.
+  """
+  kind, var, half, last = (jnp.asarray(x) for x in _schedule(
+      plan, a_half, c_half, iters, clip_iters, rounds))
+  if kind.shape[0] == 1:
+    return a, c
+  bounds = jnp.array([[config.lo, config.hi], [config.clip_lo, 1.0]], jnp.float32)
+
+  def score(err, v):
+    return jnp.where(plan.shared & (v == 0), jnp.sum(err), err)
+
+  def step(s, state):
+    a, c, e, lo, hi, x1, x2, f1, f2 = state
+    k, v, h = kind[s], var[s], half[s]
+    cur = jnp.where(v == 0, a, c)
+    # A phase opens its bracket around the current point.
+    opening = k == _FIRST
+    lo = jnp.where(opening, jnp.maximum(cur - h, bounds[v, 0]), lo)
+    hi = jnp.where(opening, jnp.minimum(cur + h, bounds[v, 1]), hi)
+    left = f1 < f2
+    narrow = k == _NARROW
+    lo = jnp.where(narrow & ~left, x1, lo)
+    hi = jnp.where(narrow & left, x2, hi)
+    inner = hi - _INV_PHI * (hi - lo)
+    outer = lo + _INV_PHI * (hi - lo)
+    p = jnp.where(k == _FIRST, inner, jnp.where(k == _SECOND, outer,
+                                                 jnp.where(left, inner, outer)))
+    evaluating = k == _EVAL
+    err = f(jnp.where((v == 0) & ~evaluating, p, a),
+            jnp.where((v == 1) & ~evaluating, p, c))
+    e = jnp.where(evaluating, err, e)
+    fp = score(err, v)
+    # Narrowing left, the new point is the inner one and the old inner one becomes
+    # the outer; narrowing right, the other way round.
+    to_inner = (k == _FIRST) | (narrow & left)
+    to_outer = (k == _SECOND) | (narrow & ~left)
+    x1, f1, x2, f2 = (jnp.where(to_inner, p, jnp.where(narrow, x2, x1)),
+                      jnp.where(to_inner, fp, jnp.where(narrow, f2, f1)),
+                      jnp.where(to_outer, p, jnp.where(narrow, x1, x2)),
+                      jnp.where(to_outer, fp, jnp.where(narrow, f1, f2)))
+    # At a phase's end, keep its best point where it beats the current one.
+    best_x = jnp.where(f1 <= f2, x1, x2)
+    best_f = jnp.minimum(f1, f2)
+    better = last[s] & (best_f <= score(e, v))
+    a = jnp.where(better & (v == 0), best_x, a)
+    c = jnp.where(better & (v == 1), best_x, c)
+    # Per-layer errors at the kept point; a shared exponent step knows only their
+    # sum, so the caller refreshes them.
+    e = jnp.where(better & ((v == 1) | (not plan.shared)), best_f, e)
+    return a, c, e, lo, hi, x1, x2, f1, f2
+
+  zeros = jnp.zeros_like(a)
+  state = (a, c, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
+  if plan.shared:
+    # Per-layer errors are needed to compare clip steps; exponent phases change
+    # every layer's error, so each is followed by a fresh evaluation.
+    def run(s, st):
+      st = step(s, st)
+      a, c, e = st[:3]
+      e = jax.lax.cond(last[s] & (var[s] == 0), lambda: f(a, c), lambda: e)
+      return (a, c, e) + st[3:]
+    state = jax.lax.fori_loop(0, kind.shape[0], run, state)
+  else:
+    state = jax.lax.fori_loop(0, kind.shape[0], step, state)
+  return state[0], state[1]
 
 
 def minimise(f: Objective, a0: jax.Array, c0: jax.Array, plan: Plan,
-             config: SearchConfig) -> tuple[jax.Array, jax.Array]:
+             config: SearchConfig, f_grid: Objective | None = None
+             ) -> tuple[jax.Array, jax.Array]:
   """Minimises ``f(a, c) -> E`` (all ``(L,)``) from a grid over what ``plan`` varies.
 
-  Each layer is an independent problem (unless ``plan.shared``), so all of them are
-  solved with the same number of evaluations of ``f``.
+  ``f_grid``, a cheaper approximation of ``f`` (default ``f``), scores the grid.
+  Each layer is an independent problem (unless ``plan.shared``), so all of them
+  are solved with the same number of evaluations of ``f``.
   """
+  f_grid = f_grid or f
   n = a0.shape[0]
   a_grid = (jnp.linspace(config.lo, config.hi, config.grid, dtype=jnp.float32)
             if plan.search_alpha else a0[None])
@@ -186,7 +254,7 @@ def minimise(f: Objective, a0: jax.Array, c0: jax.Array, plan: Plan,
   def at(ij):
     a = a_grid[ij[0]] if plan.search_alpha else a0
     c = c_grid[ij[1]] if plan.search_clip else c0
-    return f(jnp.broadcast_to(a, (n,)), jnp.broadcast_to(c, (n,)))
+    return f_grid(jnp.broadcast_to(a, (n,)), jnp.broadcast_to(c, (n,)))
 
   ii, jj = jnp.meshgrid(jnp.arange(ga), jnp.arange(gc), indexing='ij')
   errs = jax.lax.map(at, (ii.reshape(-1), jj.reshape(-1))).reshape(ga, gc, n)
@@ -210,7 +278,7 @@ def prepare(w: jax.Array, nk: int, ncol: int) -> tuple[jax.Array, jax.Array]:
   """Block absmax scales and signed normalised weights ``w / m`` of one layer."""
   w3 = power.block_view(w, nk)
   scale = power.block_absmax(w3, ncol)
-  return w3 / jnp.where(scale > 0, scale, 1.0), scale
+  return power.divide(w3, scale), scale
 
 
 # --- binned statistics --------------------------------------------------------------
@@ -225,6 +293,8 @@ def prepare(w: jax.Array, nk: int, ncol: int) -> tuple[jax.Array, jax.Array]:
 # uniform in x^(1/4): thresholds crowd near zero at small exponents.
 
 BINS = 4096
+# The grid only picks a starting point; coarser bins score it well enough.
+GRID_BINS = 256
 
 
 def _centre(i: jax.Array, bins: int) -> jax.Array:
@@ -253,33 +323,60 @@ def _stats(xs: jax.Array, scale: jax.Array, bins: int) -> jax.Array:
   return jnp.stack([sums.real, sums.imag], axis=-1).reshape(x.shape[0], 2, bins, 2)
 
 
+# Up to this many levels a side, a lookup by code is a sum of selects, which XLA:CPU
+# runs several times faster than a gather.
+_SELECT_LEVELS = 17
+
+
+def _lookup(table: jax.Array, k: jax.Array) -> jax.Array:
+  """``table[l, k[l, i]]`` for a small per-layer table ``(L, m)`` and codes ``(L, B)``."""
+  if table.shape[1] > _SELECT_LEVELS:
+    return jnp.take_along_axis(table, k, axis=1)
+  out = jnp.zeros(k.shape, table.dtype)
+  for j in range(table.shape[1]):
+    out = jnp.where(k == j, table[:, j:j + 1], out)
+  return out
+
+
 def _side_error(w: jax.Array, a: jax.Array, c: jax.Array, d: int, grid: str
                 ) -> jax.Array:
   """Binned error of one sign's bins ``w`` ``(L, bins, 2)`` whose codes span 0..d.
 
-  A bin whose two edges take different codes straddles a threshold ``t``: its mass
-  above ``t`` goes to the upper level. That share is taken from a uniform density
-  inside the bin, which leaves an error of second order in the bin width.
+  The ``d`` levels and thresholds of each layer cost a few ``pow``; each bin edge
+  then needs only compares and lookups: its code is the number of thresholds at or
+  below it. A bin whose edges take different codes straddles a threshold ``t``:
+  its mass above ``t`` goes to the upper level. That share is taken from a uniform
+  density inside the bin, which leaves an error of second order in the bin width.
   """
   bins = w.shape[1]
-  edges = bin_edges(bins)
-  lo, hi = edges[:-1], edges[1:]
   a, c = a[:, None], c[:, None]
-  k = power.magnitude_code(edges[None, :] / c, a, d, grid)
+  levels = c * power.level_magnitude(jnp.arange(d + 1), a, d)  # (L, d + 1)
+  t = c * power.side_thresholds(a, d, grid)  # (L, d)
+  edges = bin_edges(bins)
+  k = jnp.zeros((t.shape[0], bins + 1), jnp.int32)
+  for j in range(d):
+    k = k + (edges[None, :] >= t[:, j:j + 1]).astype(jnp.int32)
   k_lo, k_hi = k[:, :-1], k[:, 1:]
-  l_lo = c * power.level_magnitude(k_lo, a, d)
-  l_hi = c * power.level_magnitude(k_hi, a, d)
+  l_lo, l_hi = _lookup(levels, k_lo), _lookup(levels, k_hi)
+  lo, hi = edges[:-1], edges[1:]
   w0, w1 = w[..., 0], w[..., 1]
   dist = _centre(jnp.arange(bins), bins) - l_lo
   whole = 2 * dist * w1 + dist * dist * w0
-  if grid == 'full':
-    t = (l_lo + l_hi) / 2
-  else:
-    t = c * jnp.power((k_hi - 0.5) / d, 1.0 / a)
-  t = jnp.clip(t, lo, hi)
+  tt = jnp.clip(_lookup(t, jnp.maximum(k_hi - 1, 0)), lo, hi)
   density = w0 / (hi - lo)
-  moved = density * (l_lo - l_hi) * ((hi * hi - t * t) - (l_lo + l_hi) * (hi - t))
+  moved = density * (l_lo - l_hi) * ((hi * hi - tt * tt) - (l_lo + l_hi) * (hi - tt))
   return jnp.sum(whole + jnp.where(k_hi > k_lo, moved, 0.0), axis=-1)
+
+
+def coarsen(stats: jax.Array, factor: int) -> jax.Array:
+  """Stats of bins ``factor`` times wider: W0 summed, W1 moved to the new centres."""
+  n, sides, bins, _ = stats.shape
+  fine = _centre(jnp.arange(bins), bins).reshape(bins // factor, factor)
+  coarse = _centre(jnp.arange(bins // factor), bins // factor)[:, None]
+  w = stats.reshape(n, sides, bins // factor, factor, 2)
+  w0 = jnp.sum(w[..., 0], axis=-1)
+  w1 = jnp.sum(w[..., 1] + (fine - coarse) * w[..., 0], axis=-1)
+  return jnp.stack([w0, w1], axis=-1)
 
 
 def stats_error(stats: jax.Array, alpha: jax.Array, clip: jax.Array, bits: int,
@@ -367,8 +464,9 @@ def search_stats(stats: jax.Array, alpha: jax.Array, clip: jax.Array, *, bits: i
 
   ``alpha`` and ``clip`` ``(L,)`` are kept where ``plan`` does not search them.
   """
+  coarse = coarsen(stats, max(1, stats.shape[2] // GRID_BINS))
   return minimise(lambda a, c: stats_error(stats, a, c, bits, grid), alpha, clip, plan,
-                  config)
+                  config, lambda a, c: stats_error(coarse, a, c, bits, grid))
 
 
 def needs_refine(size: int, config: SearchConfig) -> bool:
@@ -425,7 +523,7 @@ def _encode(w: jax.Array, alpha: jax.Array, clip: jax.Array, absmax: jax.Array,
             config: SearchConfig) -> tuple[jax.Array, jax.Array]:
   w3 = power.block_view(w, nk)
   if block_clip:
-    xs = w3 / jnp.where(absmax > 0, absmax, 1.0)
+    xs = power.divide(w3, absmax)
     clip = _block_clip(xs, absmax, alpha, clip, bits, grid, config)
   scale = absmax * clip
   # Encode against the scale as stored, so the codes fit the rounded scale.
