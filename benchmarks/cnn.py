@@ -45,7 +45,11 @@ SENTENCES = 512
 SETTINGS = (('W8A8', 8, 8, 'tensor'), ('W6A6', 6, 6, 'tensor'), ('W4A8', 4, 8, 'tensor'),
             ('W4A4', 4, 4, 'tensor'), ('W4', 4, None, 'tensor'),
             ('W4A4, a scale per pixel', 4, 4, 'token'))
-METHODS = (('uniform', 1.0, 1.0), ('pqjax', 'layer', None))  # weight, act exponent
+# (name, quantize options, activation exponent): uniform is plain round-to-nearest
+# (the paper's grid at exponent 1, absmax scales); pqjax is the defaults, its
+# activations take each layer's exponent.
+METHODS = (('uniform', {'exponent': 1.0, 'grid': 'symmetric', 'clip': False}, 1.0),
+           ('pqjax', {}, None))
 
 
 class Block(nn.Module):
@@ -146,13 +150,13 @@ def cnn_rows(variables: Any, data: Digits) -> tuple[float, list[list[str]]]:
   quantized = {}
   for label, wbits, abits, granularity in SETTINGS:
     row = [label]
-    for _, exponent, act_exponent in METHODS:
-      if (wbits, exponent) not in quantized:
-        quantized[wbits, exponent] = pqjax.quantize(variables['params'], wbits,
-                                                    exponent=exponent)[0]
+    for name, options, act_exponent in METHODS:
+      if (wbits, name) not in quantized:
+        quantized[wbits, name] = pqjax.quantize(variables['params'], wbits,
+                                                **options)[0]
       apply_q = pqjax.wrap(model.apply, act_bits=abits, act_exponent=act_exponent,
                            act_granularity=granularity)
-      z = logits(apply_q, {**variables, 'params': quantized[wbits, exponent]}, data)
+      z = logits(apply_q, {**variables, 'params': quantized[wbits, name]}, data)
       acc = accuracy(z)
       error = np.linalg.norm(z - reference) / np.linalg.norm(reference)
       row += [f'{acc:.2f} ({acc - base:+.2f})', f'{error:.4f}']
@@ -193,14 +197,14 @@ def minilm_rows() -> list[list[str]]:
   model = minilm.load()
   text = minilm.tokenize(model.tokenizer, corpus.stdlib_sentences(SENTENCES))
   reference = minilm.embed_all(minilm.embed_fn(model.module.apply), model.params, text)
-  exponents = {method: exponent for method, exponent, _ in METHODS}
+  options = {method: kwargs for method, kwargs, _ in METHODS}
   quantized = {}
   rows = []
-  for wbits, method, label, options, sentence_scale in MINILM:
+  for wbits, method, label, wrap_options, sentence_scale in MINILM:
     if (wbits, method) not in quantized:
       quantized[wbits, method] = pqjax.quantize(model.params, wbits,
-                                                exponent=exponents[method])[0]
-    apply_fn = pqjax.wrap(model.module.apply, **options)
+                                                **options[method])[0]
+    apply_fn = pqjax.wrap(model.module.apply, **wrap_options)
     if sentence_scale:
       apply_fn = per_sentence(apply_fn)
     cos = minilm.cosines(reference, minilm.embed_all(
