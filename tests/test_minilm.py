@@ -32,7 +32,8 @@ def power_q(model):
 
 @pytest.fixture(scope='module')
 def uniform_q(model):
-  return pqjax.quantize(model.params, 4, granularity='channel', exponent=1.0)
+  return pqjax.quantize(model.params, 4, granularity='channel', exponent=1.0,
+                        grid='symmetric', clip=False)
 
 
 def test_every_matrix_is_quantized(model, power_q):
@@ -44,7 +45,7 @@ def test_every_matrix_is_quantized(model, power_q):
   assert np.median(exps) < 1.0  # trained weights are heavy near zero
 
 
-def test_reconstruction_error_is_at_most_0p7_of_uniform(model, power_q, uniform_q):
+def test_reconstruction_error_is_at_most_half_of_uniform(model, power_q, uniform_q):
   power_err = sizes.relative_error(model.params, power_q[0])
   uniform_err = sizes.relative_error(model.params, uniform_q[0])
   # Independent check of the helper on one leaf.
@@ -53,7 +54,7 @@ def test_reconstruction_error_is_at_most_0p7_of_uniform(model, power_q, uniform_
   assert sizes.relative_error({'k': w}, {'k': power_q[0]['pooler']['dense']['kernel']}
                                 ) == pytest.approx(np.sum((w - w_hat) ** 2)
                                                    / np.sum(w ** 2), rel=1e-5)
-  assert power_err <= 0.7 * uniform_err, (power_err, uniform_err)
+  assert power_err <= 0.5 * uniform_err, (power_err, uniform_err)
 
 
 def test_embedding_cosine_against_fp32(model, text, reference, power_q, uniform_q):
@@ -61,7 +62,7 @@ def test_embedding_cosine_against_fp32(model, text, reference, power_q, uniform_
   power_cos = minilm.cosines(reference, minilm.embed_all(embed, power_q[0], text))
   uniform_cos = minilm.cosines(reference, minilm.embed_all(embed, uniform_q[0], text))
   assert len(power_cos) == 512
-  assert power_cos.mean() >= 0.945, power_cos.mean()
+  assert power_cos.mean() >= 0.958, power_cos.mean()
   assert power_cos.mean() > uniform_cos.mean() + 0.02
 
 
