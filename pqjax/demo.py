@@ -68,8 +68,8 @@ def run(bits: int = 4, granularity: Any = 'channel', sentences: int = 512,
                          ('paper grid (no clipping)', 'paper'),
                          ('uniform RTN (exponent 1)', 'uniform')):
     start = time.perf_counter()
-    params_q, alphas = quantize(model.params, bits, granularity=granularity,
-                                **report.SETTINGS[setting])
+    options = {**report.SETTINGS[setting], 'granularity': granularity}
+    params_q, alphas = quantize(model.params, bits, **options)
     jax.block_until_ready(params_q)
     seconds = time.perf_counter() - start
     results[label] = (params_q, alphas)
