@@ -97,11 +97,6 @@ def divide(w: jax.Array, scale: jax.Array) -> jax.Array:
   return w / scale
 
 
-def normalise(w3: jax.Array, scale: jax.Array) -> jax.Array:
-  """``|w| / m`` in [0, 1]; an all-zero block gives zeros, never NaN."""
-  return jnp.abs(divide(w3, scale))
-
-
 def level_magnitude(k: jax.Array, alpha: jax.Array, d: jax.Array | int) -> jax.Array:
   """Normalised level ``(k / d) ** (1 / alpha)`` of code magnitude ``k``."""
   return jnp.power(k.astype(jnp.float32) / d, 1.0 / alpha)
