@@ -1,10 +1,14 @@
 """The power quantization operator: encode, decode, lookup tables, bit packing.
 
-A weight block with absolute maximum ``m`` is mapped into the power domain with an
-exponent ``a > 0``::
+A weight block with scale ``s`` (its absolute maximum ``m``, or ``c * m`` when
+clipping) is mapped into the power domain with an exponent ``a > 0``. The paper's
+symmetric grid::
 
-    q = sign(w) * round(qmax * (|w| / m) ** a)          qmax = 2 ** (bits - 1) - 1
-    w_hat = sign(q) * m * (|q| / qmax) ** (1 / a)
+    q = sign(w) * round(qmax * (|w| / s) ** a)          qmax = 2 ** (bits - 1) - 1
+    w_hat = sign(q) * s * (|q| / qmax) ** (1 / a)
+
+The full grid uses all ``2 ** bits`` codes (see :func:`steps`) and gives each
+weight its nearest level.
 
 Every function here works on a 3-D block view ``(nk, G, ncol)`` of a 2-D ``(K, N)``
 weight: ``nk`` blocks of ``G`` consecutive rows along K, and ``ncol`` columns that are
