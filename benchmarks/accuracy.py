@@ -38,26 +38,46 @@ import numpy as np
 from common import publish
 
 import pqjax
-from pqjax import corpus, minilm, sizes
+from pqjax.tools import corpus, minilm
 
 # The bitsandbytes NF4 codebook (QLoRA): quantiles of a standard normal, rescaled.
-NF4 = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+NF4 = np.array(
+  [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+  ],
+  np.float32,
+)
 
 METHODS = {
-    'uniform RTN': dict(exponent=1.0, grid='symmetric', clip=False),
-    'paper grid': dict(grid='symmetric', clip=False),
-    'full grid': dict(grid='full', clip=False),
-    'full grid + clip (default)': dict(),
-    'full grid + block clip': dict(clip='block'),
-    'full grid + clip, global exponent': dict(exponent='global'),
+  'uniform RTN': dict(exponent=1.0, grid='symmetric', clip=False),
+  'paper grid': dict(grid='symmetric', clip=False),
+  'full grid': dict(grid='full', clip=False),
+  'full grid + clip (default)': dict(),
+  'full grid + block clip': dict(clip='block'),
+  'full grid + clip, global exponent': dict(exponent='global'),
 }
 # At 2, 3 and 8 bits the table keeps the references and the two clip modes.
-OTHER_BITS = ('uniform RTN', 'paper grid', 'full grid + clip (default)',
-              'full grid + block clip')
+OTHER_BITS = (
+  'uniform RTN',
+  'paper grid',
+  'full grid + clip (default)',
+  'full grid + block clip',
+)
 # Groups of 36 rows with float16 scales stay under 4.5 bits per weight (at most
 # 11 scales for 384 rows), the budget of NF4 with float32 scales per 64.
 EXTRA_4BIT = {36: ('full grid + clip (default)', 'full grid + block clip')}
@@ -93,23 +113,27 @@ def nf4(params: Any, granularity: str | int) -> tuple[Any, float]:
   scales = 0
   for x in leaves:
     k, n = x.size // x.shape[-1], x.shape[-1]
-    scales += {'tensor': 1, 'channel': n}.get(granularity, -(-k // max(
-        granularity if isinstance(granularity, int) else 1, 1)) * n)
+    scales += {'tensor': 1, 'channel': n}.get(
+      granularity, -(-k // max(granularity if isinstance(granularity, int) else 1, 1)) * n
+    )
   out = jax.tree_util.tree_map(
-      lambda x: _nf4_leaf(x, granularity) if x.ndim >= 2 else x, params)
+    lambda x: _nf4_leaf(x, granularity) if x.ndim >= 2 else x, params
+  )
   return out, 4 + 32 * scales / weights
 
 
-def qwix_params(model: minilm.MiniLM, qtype: str, tile: int | None
-                ) -> tuple[Callable[..., Any], Any, float]:
+def qwix_params(
+  model: minilm.MiniLM, qtype: str, tile: int | None
+) -> tuple[Callable[..., Any], Any, float]:
   """qwix PTQ of the FlaxBertModel: (apply_fn, quantized params, bits per weight)."""
   import qwix
 
   rule = dict(module_path='.*', weight_qtype=qtype)
   if tile:
     rule['tile_size'] = tile
-  qmodel = qwix.quantize_model(model.module,
-                               qwix.PtqProvider([qwix.QuantizationRule(**rule)]))
+  qmodel = qwix.quantize_model(
+    model.module, qwix.PtqProvider([qwix.QuantizationRule(**rule)])
+  )
   ids = jnp.ones((1, 16), jnp.int32)
   abstract = jax.eval_shape(lambda: qmodel.init(jax.random.key(0), ids, ids, ids))
   params_q = qwix.quantize_params(model.params, abstract['params'])
@@ -117,8 +141,11 @@ def qwix_params(model: minilm.MiniLM, qtype: str, tile: int | None
   # Every >= 2-D weight counted: qwix's stored codes (one a byte) and scales, and
   # the tables it keeps in fp32.
   stored = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params_q))
-  small = sum(x.size * x.dtype.itemsize
-              for x in jax.tree_util.tree_leaves(model.params) if x.ndim < 2)
+  small = sum(
+    x.size * x.dtype.itemsize
+    for x in jax.tree_util.tree_leaves(model.params)
+    if x.ndim < 2
+  )
   return qmodel.apply, params_q, 8 * (stored - small) / weights
 
 
@@ -141,18 +168,20 @@ def _qwix_dequantize(params_q: Any) -> Any:
 
   quantized = lambda x: hasattr(x, 'how') and hasattr(x, 'array')
   return jax.tree_util.tree_map(
-      lambda x: qwix.dequantize(x.array) if quantized(x) else x, params_q,
-      is_leaf=quantized)
+    lambda x: qwix.dequantize(x.array) if quantized(x) else x, params_q, is_leaf=quantized
+  )
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--bits', type=int, nargs='+', default=[4, 2, 3, 8])
-  parser.add_argument('--granularity', type=_granularity, nargs='+',
-                      default=['tensor', 'channel', 128, 64])
+  parser.add_argument(
+    '--granularity', type=_granularity, nargs='+', default=['tensor', 'channel', 128, 64]
+  )
   parser.add_argument('--sentences', type=int, default=512)
-  parser.add_argument('--methods', nargs='*', default=None,
-                      help='subset of the method names (default: all)')
+  parser.add_argument(
+    '--methods', nargs='*', default=None, help='subset of the method names (default: all)'
+  )
   parser.add_argument('--no-qwix', action='store_true')
   parser.add_argument('--name', default='accuracy')
   args = parser.parse_args()
@@ -166,10 +195,14 @@ def main() -> None:
 
   def record(bits, gran, method, err, bpw, emb, seconds):
     cos = minilm.cosines(reference, emb)
-    rows.append((bits, str(gran), method, err, bpw, float(cos.mean()), float(cos.min()),
-                 seconds))
-    print(f'| {bits} | {gran} | {method} | {err:.5f} | {bpw:.3f} | {cos.mean():.4f} |'
-          f' {cos.min():.4f} | {seconds:.2f} |', flush=True)
+    rows.append(
+      (bits, str(gran), method, err, bpw, float(cos.mean()), float(cos.min()), seconds)
+    )
+    print(
+      f'| {bits} | {gran} | {method} | {err:.5f} | {bpw:.3f} | {cos.mean():.4f} |'
+      f' {cos.min():.4f} | {seconds:.2f} |',
+      flush=True,
+    )
 
   for bits in args.bits:
     grans = list(args.granularity) + (list(EXTRA_4BIT) if bits == 4 else [])
@@ -178,22 +211,39 @@ def main() -> None:
       names = [m for m in names if not args.methods or m in args.methods]
       for name in names:
         start = time.perf_counter()
-        params_q, _ = pqjax.quantize(model.params, bits, granularity=gran,
-                                     **METHODS[name])
+        params_q, _ = pqjax.quantize(
+          model.params, bits, granularity=gran, **METHODS[name]
+        )
         jax.block_until_ready(params_q)
         seconds = time.perf_counter() - start
-        s = sizes.summary(params_q)
-        record(bits, gran, name, sizes.relative_error(model.params, params_q),
-               s.bits_per_weight, minilm.embed_all(embed, params_q, text), seconds)
-      if (bits == 4 and gran not in EXTRA_4BIT
-          and (not args.methods or 'NF4 reference' in args.methods)):
+        s = pqjax.summary(params_q)
+        record(
+          bits,
+          gran,
+          name,
+          pqjax.relative_error(model.params, params_q),
+          s.bits_per_weight,
+          minilm.embed_all(embed, params_q, text),
+          seconds,
+        )
+      if (
+        bits == 4
+        and gran not in EXTRA_4BIT
+        and (not args.methods or 'NF4 reference' in args.methods)
+      ):
         start = time.perf_counter()
         params_nf4, bpw = nf4(model.params, gran)
         jax.block_until_ready(params_nf4)
         seconds = time.perf_counter() - start
-        record(bits, gran, 'NF4 reference (absmax, fp32 scales)',
-               float_error(model.params, params_nf4), bpw,
-               minilm.embed_all(embed, params_nf4, text), seconds)
+        record(
+          bits,
+          gran,
+          'NF4 reference (absmax, fp32 scales)',
+          float_error(model.params, params_nf4),
+          bpw,
+          minilm.embed_all(embed, params_nf4, text),
+          seconds,
+        )
   if 4 in args.bits and not args.no_qwix:
     try:
       import qwix  # noqa: F401
@@ -210,27 +260,38 @@ def main() -> None:
           jax.block_until_ready(params_q)
           seconds = time.perf_counter() - start
           qwix_embed = minilm.embed_fn(apply_fn)
-          record(4, gran, f'qwix {qtype} (embeddings fp32)',
-                 float_error(model.params, _qwix_dequantize(params_q)), bpw,
-                 minilm.embed_all(qwix_embed, params_q, text), seconds)
+          record(
+            4,
+            gran,
+            f'qwix {qtype} (embeddings fp32)',
+            float_error(model.params, _qwix_dequantize(params_q)),
+            bpw,
+            minilm.embed_all(qwix_embed, params_q, text),
+            seconds,
+          )
 
   lines = [
-      '# MiniLM accuracy (all-MiniLM-L6-v2, FlaxBertModel)', '',
-      f'Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python'
-      f' {platform.python_version()}, jax {jax.__version__}.', '',
-      f'Every >= 2-D leaf quantized (37 kernels and embedding tables, 22.7M weights),'
-      f' except where said. Relative error = ||W - W_hat||^2 / ||W||^2 summed over'
-      f' those leaves. Bits per weight count codes, scales, exponents and tables'
-      f' (pqjax groups store float16 scales). Cosine: mean-pooled embeddings of'
-      f' {args.sentences} first paragraphs of Python standard-library docstrings,'
-      f' against fp32. Seconds: quantization time in this run (compilation included'
-      f' the first time a shape is seen).', '',
-      '| bits | granularity | method | relative error | bits / weight | mean cosine |'
-      ' min cosine | seconds |',
-      '|---|---|---|---|---|---|---|---|',
+    '# MiniLM accuracy (all-MiniLM-L6-v2, FlaxBertModel)',
+    '',
+    f'Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python'
+    f' {platform.python_version()}, jax {jax.__version__}.',
+    '',
+    f'Every >= 2-D leaf quantized (37 kernels and embedding tables, 22.7M weights),'
+    f' except where said. Relative error = ||W - W_hat||^2 / ||W||^2 summed over'
+    f' those leaves. Bits per weight count codes, scales, exponents and tables'
+    f' (pqjax groups store float16 scales). Cosine: mean-pooled embeddings of'
+    f' {args.sentences} first paragraphs of Python standard-library docstrings,'
+    f' against fp32. Seconds: quantization time in this run (compilation included'
+    f' the first time a shape is seen).',
+    '',
+    '| bits | granularity | method | relative error | bits / weight | mean cosine |'
+    ' min cosine | seconds |',
+    '|---|---|---|---|---|---|---|---|',
   ]
-  lines += [f'| {b} | {g} | {m} | {e:.5f} | {bpw:.3f} | {mc:.4f} | {mn:.4f} | {t:.2f} |'
-            for b, g, m, e, bpw, mc, mn, t in rows]
+  lines += [
+    f'| {b} | {g} | {m} | {e:.5f} | {bpw:.3f} | {mc:.4f} | {mn:.4f} | {t:.2f} |'
+    for b, g, m, e, bpw, mc, mn, t in rows
+  ]
   publish(args.name, lines)
 
 

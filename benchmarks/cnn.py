@@ -35,21 +35,28 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import pqjax
-from pqjax import corpus, minilm
+from pqjax.tools import corpus, minilm
 
 SEED = 0
 EPOCHS = 20
 BATCH = 64
 SENTENCES = 512
 # (label, weight bits, activation bits or None, activation scale granularity)
-SETTINGS = (('W8A8', 8, 8, 'tensor'), ('W6A6', 6, 6, 'tensor'), ('W4A8', 4, 8, 'tensor'),
-            ('W4A4', 4, 4, 'tensor'), ('W4', 4, None, 'tensor'),
-            ('W4A4, a scale per pixel', 4, 4, 'token'))
+SETTINGS = (
+  ('W8A8', 8, 8, 'tensor'),
+  ('W6A6', 6, 6, 'tensor'),
+  ('W4A8', 4, 8, 'tensor'),
+  ('W4A4', 4, 4, 'tensor'),
+  ('W4', 4, None, 'tensor'),
+  ('W4A4, a scale per pixel', 4, 4, 'token'),
+)
 # (name, quantize options, activation exponent): uniform is plain round-to-nearest
 # (the paper's grid at exponent 1, absmax scales); pqjax is the defaults, its
 # activations take each layer's exponent.
-METHODS = (('uniform', {'exponent': 1.0, 'grid': 'symmetric', 'clip': False}, 1.0),
-           ('pqjax', {}, None))
+METHODS = (
+  ('uniform', {'exponent': 1.0, 'grid': 'symmetric', 'clip': False}, 1.0),
+  ('pqjax', {}, None),
+)
 
 
 class Block(nn.Module):
@@ -65,8 +72,9 @@ class Block(nn.Module):
     y = nn.relu(norm()(y))
     y = norm()(nn.Conv(self.features, (3, 3), use_bias=False)(y))
     if x.shape != y.shape:
-      x = norm()(nn.Conv(self.features, (1, 1), (self.stride, self.stride),
-                         use_bias=False)(x))
+      x = norm()(
+        nn.Conv(self.features, (1, 1), (self.stride, self.stride), use_bias=False)(x)
+      )
     return nn.relu(x + y)
 
 
@@ -96,7 +104,8 @@ def digits() -> Digits:
   data = load_digits()
   x = (data.images / 16.0).astype(np.float32)[..., None]
   x_train, x_test, y_train, y_test = train_test_split(
-      x, data.target, test_size=0.25, random_state=SEED, stratify=data.target)
+    x, data.target, test_size=0.25, random_state=SEED, stratify=data.target
+  )
   return Digits(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
 
 
@@ -111,8 +120,9 @@ def train(data: Digits) -> tuple[dict[str, Any], float]:
   @jax.jit
   def step(variables, opt_state, x, y):
     def loss_fn(params):
-      logits, updates = model.apply({**variables, 'params': params}, x, train=True,
-                                    mutable=['batch_stats'])
+      logits, updates = model.apply(
+        {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return loss, updates
 
@@ -126,15 +136,17 @@ def train(data: Digits) -> tuple[dict[str, Any], float]:
   for _ in range(EPOCHS):
     order = rng.permutation(len(data.x_train))
     for i in range(0, len(order) - BATCH + 1, BATCH):
-      idx = order[i:i + BATCH]
-      variables, opt_state = step(variables, opt_state, data.x_train[idx],
-                                  data.y_train[idx])
+      idx = order[i : i + BATCH]
+      variables, opt_state = step(
+        variables, opt_state, data.x_train[idx], data.y_train[idx]
+      )
   jax.block_until_ready(variables)
   return variables, time.perf_counter() - start
 
 
-def logits(apply_fn: Callable[..., jax.Array], variables: Any, data: Digits
-           ) -> np.ndarray:
+def logits(
+  apply_fn: Callable[..., jax.Array], variables: Any, data: Digits
+) -> np.ndarray:
   """Test-set logits, each image run on its own (so activation scales are per image)."""
   one = lambda x: apply_fn(variables, x[None])[0]
   return np.asarray(jax.jit(jax.vmap(one))(data.x_test))
@@ -152,10 +164,13 @@ def cnn_rows(variables: Any, data: Digits) -> tuple[float, list[list[str]]]:
     row = [label]
     for name, options, act_exponent in METHODS:
       if (wbits, name) not in quantized:
-        quantized[wbits, name] = pqjax.quantize(variables['params'], wbits,
-                                                **options)[0]
-      apply_q = pqjax.wrap(model.apply, act_bits=abits, act_exponent=act_exponent,
-                           act_granularity=granularity)
+        quantized[wbits, name] = pqjax.quantize(variables['params'], wbits, **options)[0]
+      apply_q = pqjax.wrap(
+        model.apply,
+        act_bits=abits,
+        act_exponent=act_exponent,
+        act_granularity=granularity,
+      )
       z = logits(apply_q, {**variables, 'params': quantized[wbits, name]}, data)
       acc = accuracy(z)
       error = np.linalg.norm(z - reference) / np.linalg.norm(reference)
@@ -168,8 +183,9 @@ def per_sentence(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   """``apply_fn`` run on each sentence of the batch alone, through jax.vmap."""
 
   def apply(variables, ids, mask, types_):
-    one = lambda i, m, t: apply_fn(variables, i[None], m[None], t[None]
-                                   ).last_hidden_state[0]
+    one = lambda i, m, t: apply_fn(
+      variables, i[None], m[None], t[None]
+    ).last_hidden_state[0]
     return types.SimpleNamespace(last_hidden_state=jax.vmap(one)(ids, mask, types_))
 
   return apply
@@ -178,17 +194,22 @@ def per_sentence(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
 # (weight bits, method, activations, wrap options, one scale per sentence)
 A8 = {'act_bits': 8}
 MINILM = (
-    (8, 'pqjax', 'none (weights only)', {}, False),
-    (8, 'uniform', 'A8, a scale per sentence', {**A8, 'act_exponent': 1.0}, True),
-    (8, 'pqjax', 'A8, a scale per sentence', A8, True),
-    (8, 'pqjax', 'A8, a scale per sentence, exponent 0.5', {**A8, 'act_exponent': 0.5},
-     True),
-    (8, 'pqjax', 'A8, a scale per batch of 64', A8, False),
-    (8, 'pqjax', 'A8, a scale per token', {**A8, 'act_granularity': 'token'}, False),
-    (4, 'pqjax', 'none (weights only)', {}, False),
-    (4, 'uniform', 'A8, a scale per sentence', {**A8, 'act_exponent': 1.0}, True),
-    (4, 'pqjax', 'A8, a scale per sentence', A8, True),
-    (4, 'pqjax', 'A8, a scale per token', {**A8, 'act_granularity': 'token'}, False),
+  (8, 'pqjax', 'none (weights only)', {}, False),
+  (8, 'uniform', 'A8, a scale per sentence', {**A8, 'act_exponent': 1.0}, True),
+  (8, 'pqjax', 'A8, a scale per sentence', A8, True),
+  (
+    8,
+    'pqjax',
+    'A8, a scale per sentence, exponent 0.5',
+    {**A8, 'act_exponent': 0.5},
+    True,
+  ),
+  (8, 'pqjax', 'A8, a scale per batch of 64', A8, False),
+  (8, 'pqjax', 'A8, a scale per token', {**A8, 'act_granularity': 'token'}, False),
+  (4, 'pqjax', 'none (weights only)', {}, False),
+  (4, 'uniform', 'A8, a scale per sentence', {**A8, 'act_exponent': 1.0}, True),
+  (4, 'pqjax', 'A8, a scale per sentence', A8, True),
+  (4, 'pqjax', 'A8, a scale per token', {**A8, 'act_granularity': 'token'}, False),
 )
 
 
@@ -202,13 +223,14 @@ def minilm_rows() -> list[list[str]]:
   rows = []
   for wbits, method, label, wrap_options, sentence_scale in MINILM:
     if (wbits, method) not in quantized:
-      quantized[wbits, method] = pqjax.quantize(model.params, wbits,
-                                                **options[method])[0]
+      quantized[wbits, method] = pqjax.quantize(model.params, wbits, **options[method])[0]
     apply_fn = pqjax.wrap(model.module.apply, **wrap_options)
     if sentence_scale:
       apply_fn = per_sentence(apply_fn)
-    cos = minilm.cosines(reference, minilm.embed_all(
-        minilm.embed_fn(apply_fn), quantized[wbits, method], text))
+    cos = minilm.cosines(
+      reference,
+      minilm.embed_all(minilm.embed_fn(apply_fn), quantized[wbits, method], text),
+    )
     rows.append([f'W{wbits}', method, label, f'{cos.mean():.5f}', f'{cos.min():.5f}'])
   return rows
 
@@ -219,41 +241,54 @@ def main() -> None:
   base, cnn = cnn_rows(variables, data)
   lm = minilm_rows()
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables['params']))
-  machine = (f'{platform.platform()}, {os.cpu_count()} CPUs, Python'
-             f' {platform.python_version()}, jax {jax.__version__},'
-             f' {jax.default_backend().upper()} backend')
+  machine = (
+    f'{platform.platform()}, {os.cpu_count()} CPUs, Python'
+    f' {platform.python_version()}, jax {jax.__version__},'
+    f' {jax.default_backend().upper()} backend'
+  )
   lines = [
-      '# Weights and activations (W/A): ResNet on digits, MiniLM embeddings', '',
-      f'Machine: {machine}.', '',
-      'Activation quantization is simulated: each product runs in floating point on the'
-      ' decoded weights and the decoded (power-quantized) activations, which gives the'
-      ' outputs of an integer pipeline on power-domain codes. Weights: per channel, all'
-      ' kernels (convolutions and Dense). Activations: the input of every convolution'
-      ' and Dense, the image included, with the absolute maximum of that input at run'
-      ' time as the scale (data-free). uniform: weights quantized with exponent 1,'
-      ' activations with exponent 1. pqjax: searched weight exponent per layer, each'
-      ' activation with its layer\'s exponent.', '',
-      f'ResNet: stem conv 32, residual blocks 32, 32, 64 (stride 2), BatchNorm, global'
-      f' pooling, Dense 10; {n_params} parameters. Data: `sklearn.datasets.load_digits`,'
-      f' {len(data.x_train)} training and {len(data.x_test)} held-out test images'
-      f' (stratified split, seed {SEED}). Training: AdamW, cosine schedule from 3e-3,'
-      f' {EPOCHS} epochs of batch {BATCH}, {seconds:.1f} s. Activation scales: one per'
-      ' image (the test set runs through `jax.vmap`).', '',
-      f'Float test accuracy: **{base:.2f}%**.', '',
-      'logit error: ||z_q - z|| / ||z|| of the test-set logits against the float model.'
-      f' One test image is {100 / len(data.x_test):.2f} points of accuracy.', '',
-      '| setting | uniform accuracy % | uniform logit error | pqjax accuracy % |'
-      ' pqjax logit error |', '|---|---|---|---|---|']
+    '# Weights and activations (W/A): ResNet on digits, MiniLM embeddings',
+    '',
+    f'Machine: {machine}.',
+    '',
+    'Activation quantization is simulated: each product runs in floating point on the'
+    ' decoded weights and the decoded (power-quantized) activations, which gives the'
+    ' outputs of an integer pipeline on power-domain codes. Weights: per channel, all'
+    ' kernels (convolutions and Dense). Activations: the input of every convolution'
+    ' and Dense, the image included, with the absolute maximum of that input at run'
+    ' time as the scale (data-free). uniform: weights quantized with exponent 1,'
+    ' activations with exponent 1. pqjax: searched weight exponent per layer, each'
+    " activation with its layer's exponent.",
+    '',
+    f'ResNet: stem conv 32, residual blocks 32, 32, 64 (stride 2), BatchNorm, global'
+    f' pooling, Dense 10; {n_params} parameters. Data: `sklearn.datasets.load_digits`,'
+    f' {len(data.x_train)} training and {len(data.x_test)} held-out test images'
+    f' (stratified split, seed {SEED}). Training: AdamW, cosine schedule from 3e-3,'
+    f' {EPOCHS} epochs of batch {BATCH}, {seconds:.1f} s. Activation scales: one per'
+    ' image (the test set runs through `jax.vmap`).',
+    '',
+    f'Float test accuracy: **{base:.2f}%**.',
+    '',
+    'logit error: ||z_q - z|| / ||z|| of the test-set logits against the float model.'
+    f' One test image is {100 / len(data.x_test):.2f} points of accuracy.',
+    '',
+    '| setting | uniform accuracy % | uniform logit error | pqjax accuracy % |'
+    ' pqjax logit error |',
+    '|---|---|---|---|---|',
+  ]
   lines += [f'| {" | ".join(r)} |' for r in cnn]
   lines += [
-      '', f'MiniLM (all-MiniLM-L6-v2, FlaxBertModel): cosine similarity of mean-pooled'
-      f' sentence embeddings against fp32 on {SENTENCES} standard-library docstring'
-      ' paragraphs, batches of 64 padded to 32, 64 or 128 tokens. Weights per channel,'
-      ' every >= 2-D leaf; activations: the inputs of the 37 Dense layers (embedding'
-      ' lookups are gathers, not products). Activation scales: per sentence (each'
-      ' sentence run alone through `jax.vmap`), per batch, or per token.', '',
-      '| weights | method | activations | mean cosine | min cosine |',
-      '|---|---|---|---|---|']
+    '',
+    f'MiniLM (all-MiniLM-L6-v2, FlaxBertModel): cosine similarity of mean-pooled'
+    f' sentence embeddings against fp32 on {SENTENCES} standard-library docstring'
+    ' paragraphs, batches of 64 padded to 32, 64 or 128 tokens. Weights per channel,'
+    ' every >= 2-D leaf; activations: the inputs of the 37 Dense layers (embedding'
+    ' lookups are gathers, not products). Activation scales: per sentence (each'
+    ' sentence run alone through `jax.vmap`), per batch, or per token.',
+    '',
+    '| weights | method | activations | mean cosine | min cosine |',
+    '|---|---|---|---|---|',
+  ]
   lines += [f'| {" | ".join(r)} |' for r in lm]
   publish('activations', lines)
 

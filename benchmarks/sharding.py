@@ -22,7 +22,7 @@ import sys
 from common import publish
 from speed import GPT2_SMALL
 
-_CHILD = r'''
+_CHILD = r"""
 import hashlib, json, sys, time
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -71,15 +71,23 @@ print(json.dumps({'params': sum(x.size for x in params.values()), 'cold': times[
                   'warm': min(times[1:]), 'before': before, 'after': after,
                   'total_before': total_before, 'total_after': total_after,
                   'digest': h.hexdigest()[:16]}))
-'''
+"""
 
 
 def _run(devices: int) -> dict:
-  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  out = subprocess.run([sys.executable, '-c', _CHILD, json.dumps(GPT2_SMALL),
-                        str(devices)], capture_output=True, text=True, check=True,
-                       env=env)
+  env = {
+    **os.environ,
+    'TF_CPP_MIN_LOG_LEVEL': '3',
+    'JAX_PLATFORMS': 'cpu',
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+  }
+  out = subprocess.run(
+    [sys.executable, '-c', _CHILD, json.dumps(GPT2_SMALL), str(devices)],
+    capture_output=True,
+    text=True,
+    check=True,
+    env=env,
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -89,29 +97,37 @@ def main() -> None:
   rows = [(d, _run(d)) for d in (1, 8)]
   mb = 1e6
   lines = [
-      '# quantize on a device mesh (4 bits, per channel, exponent per layer)', '',
-      f'Machine: {platform.platform()}, {os.cpu_count()} CPUs,'
-      f' Python {platform.python_version()}, jax {jax.__version__}, CPU backend;'
-      ' 8 devices are simulated on these CPUs'
-      ' (`--xla_force_host_platform_device_count`).',
-      f'Tree: GPT-2 small shapes, {rows[0][1]["params"] / 1e6:.1f}M parameters;'
-      ' 8 devices: a mesh of 8, embeddings, QKV and MLP-in kernels cut on their'
-      ' outputs, the two projections on their inputs. Cold: first call in a fresh'
-      ' process (compilation included); warm: best of two later calls.', '',
-      '| devices | float MB / device | quantized MB / device | float MB, all devices |'
-      ' quantized MB, all devices | cold s | warm s | codes, scales, exponents digest |',
-      '|---|---|---|---|---|---|---|---|']
+    '# quantize on a device mesh (4 bits, per channel, exponent per layer)',
+    '',
+    f'Machine: {platform.platform()}, {os.cpu_count()} CPUs,'
+    f' Python {platform.python_version()}, jax {jax.__version__}, CPU backend;'
+    ' 8 devices are simulated on these CPUs'
+    ' (`--xla_force_host_platform_device_count`).',
+    f'Tree: GPT-2 small shapes, {rows[0][1]["params"] / 1e6:.1f}M parameters;'
+    ' 8 devices: a mesh of 8, embeddings, QKV and MLP-in kernels cut on their'
+    ' outputs, the two projections on their inputs. Cold: first call in a fresh'
+    ' process (compilation included); warm: best of two later calls.',
+    '',
+    '| devices | float MB / device | quantized MB / device | float MB, all devices |'
+    ' quantized MB, all devices | cold s | warm s | codes, scales, exponents digest |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
   for d, r in rows:
-    lines.append(f'| {d} | {r["before"] / mb:.1f} | {r["after"] / mb:.1f} |'
-                 f' {r["total_before"] / mb:.1f} | {r["total_after"] / mb:.1f} |'
-                 f' {r["cold"]:.2f} | {r["warm"]:.2f} | `{r["digest"]}` |')
+    lines.append(
+      f'| {d} | {r["before"] / mb:.1f} | {r["after"] / mb:.1f} |'
+      f' {r["total_before"] / mb:.1f} | {r["total_after"] / mb:.1f} |'
+      f' {r["cold"]:.2f} | {r["warm"]:.2f} | `{r["digest"]}` |'
+    )
   same = rows[0][1]['digest'] == rows[1][1]['digest']
-  lines += ['', 'The sharded run gives the same codes, scales and exponents as one'
-            f' device: {"yes (equal digests)" if same else "NO"}. Quantized bytes per'
-            ' device include the replicated exponent and decoding table of every leaf.'
-            ' With 8 simulated devices sharing the CPUs, the time shows the cost of the'
-            ' sharded programs, not a speed-up; on 8 real devices each one does an'
-            ' eighth of the passes over the weights.']
+  lines += [
+    '',
+    'The sharded run gives the same codes, scales and exponents as one'
+    f' device: {"yes (equal digests)" if same else "NO"}. Quantized bytes per'
+    ' device include the replicated exponent and decoding table of every leaf.'
+    ' With 8 simulated devices sharing the CPUs, the time shows the cost of the'
+    ' sharded programs, not a speed-up; on 8 real devices each one does an'
+    ' eighth of the passes over the weights.',
+  ]
   publish('sharding', lines)
 
 

@@ -19,17 +19,19 @@ import jax
 from common import publish
 
 import pqjax
-from pqjax import checkpoint, minilm
+from pqjax.tools import cli, minilm
 
 
 def _row(label: str, tree, n_params: int, fp32: int | None, folder: Path) -> str:
   st, ob = folder / f'{label}.safetensors', folder / label
   pqjax.save_safetensors(st, tree)
   pqjax.save_orbax(ob, tree)
-  nbytes, file, orbax = pqjax.nbytes(tree), os.path.getsize(st), checkpoint.disk_bytes(ob)
+  nbytes, file, orbax = pqjax.nbytes(tree), os.path.getsize(st), cli.disk_bytes(ob)
   fp32 = fp32 or nbytes
-  return (f'| {label} | {nbytes / 1e6:.2f} | {8 * nbytes / n_params:.2f} |'
-          f' {file / 1e6:.2f} | {orbax / 1e6:.2f} | {fp32 / nbytes:.2f}x |')
+  return (
+    f'| {label} | {nbytes / 1e6:.2f} | {8 * nbytes / n_params:.2f} |'
+    f' {file / 1e6:.2f} | {orbax / 1e6:.2f} | {fp32 / nbytes:.2f}x |'
+  )
 
 
 def main() -> None:
@@ -49,24 +51,27 @@ def main() -> None:
       print(rows[-1], flush=True)
 
   lines = [
-      '# MiniLM size (all-MiniLM-L6-v2, FlaxBertModel params)', '',
-      f'Machine: {platform.platform()}, {os.cpu_count()} CPUs,'
-      f' Python {platform.python_version()}, jax {jax.__version__}.', '',
-      f'{n_params / 1e6:.2f}M parameters. Every floating leaf with two or more axes'
-      ' (40 kernels and embedding tables) is quantized per channel, exponent per'
-      ' layer; biases and LayerNorm parameters stay fp32. MB = 10^6 bytes. The'
-      f' Hugging Face model.safetensors of the same model is {hf_file / 1e6:.2f} MB.',
-      '',
-      '| weights | pqjax.nbytes MB | bits / parameter | safetensors file MB |'
-      ' Orbax directory MB | smaller than fp32 |',
-      '|---|---|---|---|---|---|',
-      *rows, '',
-      'Quantized leaves hold packed codes (2 bits: 4 codes a byte; 3 bits: 8 codes in'
-      ' 3 bytes; 4 bits: 2 codes a byte; 8 bits: int8), one float32 scale per column,'
-      ' a float32 exponent and its float32 decoding table. The files add the JSON'
-      ' metadata and the format headers. Orbax directories are smaller than the'
-      ' arrays because TensorStore compresses them (zstd); low-entropy 2-bit codes'
-      ' compress most.',
+    '# MiniLM size (all-MiniLM-L6-v2, FlaxBertModel params)',
+    '',
+    f'Machine: {platform.platform()}, {os.cpu_count()} CPUs,'
+    f' Python {platform.python_version()}, jax {jax.__version__}.',
+    '',
+    f'{n_params / 1e6:.2f}M parameters. Every floating leaf with two or more axes'
+    ' (40 kernels and embedding tables) is quantized per channel, exponent per'
+    ' layer; biases and LayerNorm parameters stay fp32. MB = 10^6 bytes. The'
+    f' Hugging Face model.safetensors of the same model is {hf_file / 1e6:.2f} MB.',
+    '',
+    '| weights | pqjax.nbytes MB | bits / parameter | safetensors file MB |'
+    ' Orbax directory MB | smaller than fp32 |',
+    '|---|---|---|---|---|---|',
+    *rows,
+    '',
+    'Quantized leaves hold packed codes (2 bits: 4 codes a byte; 3 bits: 8 codes in'
+    ' 3 bytes; 4 bits: 2 codes a byte; 8 bits: int8), one float32 scale per column,'
+    ' a float32 exponent and its float32 decoding table. The files add the JSON'
+    ' metadata and the format headers. Orbax directories are smaller than the'
+    ' arrays because TensorStore compresses them (zstd); low-entropy 2-bit codes'
+    ' compress most.',
   ]
   publish('size', lines)
 

@@ -33,8 +33,9 @@ def accuracy(logits: Any, y: np.ndarray) -> float:
   return float(np.mean(np.argmax(np.asarray(logits), -1) == y))
 
 
-def fit(params: Any, loss: Callable[[Any], jax.Array], steps: int = 300,
-        lr: float = 3e-3) -> Any:
+def fit(
+  params: Any, loss: Callable[[Any], jax.Array], steps: int = 300, lr: float = 3e-3
+) -> Any:
   """Full-batch Adam on ``loss(params)``; returns the trained params."""
   opt = optax.adam(lr)
 
@@ -50,8 +51,15 @@ def fit(params: Any, loss: Callable[[Any], jax.Array], steps: int = 300,
   return params
 
 
-def compare(name: str, forward: Callable[[Any, Any], Any], params: Any, params_q: Any,
-            x: Any, score: Callable[[Any], float], metric: str = 'accuracy') -> None:
+def compare(
+  name: str,
+  forward: Callable[[Any, Any], Any],
+  params: Any,
+  params_q: Any,
+  x: Any,
+  score: Callable[[Any], float],
+  metric: str = 'accuracy',
+) -> None:
   """Runs ``forward`` on float and (wrapped) quantized params under jit; prints both."""
   float_out = jax.jit(forward)(params, x)
   quant_out = jax.jit(pqjax.wrap(forward))(params_q, x)

@@ -34,8 +34,9 @@ def main() -> None:
   @jax.jit
   def step(params, stats, opt_state):
     def loss(p):
-      logits, new = model.apply({'params': p, 'batch_stats': stats}, x, train=True,
-                                mutable=['batch_stats'])
+      logits, new = model.apply(
+        {'params': p, 'batch_stats': stats}, x, train=True, mutable=['batch_stats']
+      )
       return cross_entropy(logits, y), new['batch_stats']
 
     (_, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -47,11 +48,15 @@ def main() -> None:
     params, stats, opt_state = step(params, stats, opt_state)
 
   params_q, _ = pqjax.quantize(params, bits=4)
-  compare('Linen CNN with BatchNorm, digits',
-          lambda v, x: model.apply(v, x, train=False),
-          {'params': params, 'batch_stats': stats},
-          {'params': params_q, 'batch_stats': stats}, x_test,
-          lambda out: accuracy(out, y_test))
+  compare(
+    'Linen CNN with BatchNorm, digits',
+    lambda v, x: model.apply(v, x, train=False),
+    {'params': params, 'batch_stats': stats},
+    {'params': params_q, 'batch_stats': stats},
+    x_test,
+    lambda out: accuracy(out, y_test),
+  )
+
 
 if __name__ == '__main__':
   main()

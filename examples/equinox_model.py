@@ -22,8 +22,14 @@ def main() -> None:
   params = fit(params, lambda p: cross_entropy(forward(p, x), y))
   # `params` is the model with None in place of its static parts: a plain pytree.
   params_q, _ = pqjax.quantize(params, bits=4)
-  compare('Equinox MLP, digits', forward, params, params_q, x_test,
-          lambda out: accuracy(out, y_test))
+  compare(
+    'Equinox MLP, digits',
+    forward,
+    params,
+    params_q,
+    x_test,
+    lambda out: accuracy(out, y_test),
+  )
 
 
 if __name__ == '__main__':

@@ -24,8 +24,14 @@ def main() -> None:
 
   params_q, alphas = pqjax.quantize(params, bits=4)
   print('exponents:', {k: round(v['kernel'], 3) for k, v in alphas.items()})
-  compare('Linen MLP, digits', lambda p, x: model.apply({'params': p}, x), params,
-          params_q, x_test, lambda out: accuracy(out, y_test))
+  compare(
+    'Linen MLP, digits',
+    lambda p, x: model.apply({'params': p}, x),
+    params,
+    params_q,
+    x_test,
+    lambda out: accuracy(out, y_test),
+  )
 
 
 if __name__ == '__main__':

@@ -25,8 +25,14 @@ def main() -> None:
 
   state = fit(state, lambda s: cross_entropy(forward(s, x), y))
   state_q, _ = pqjax.quantize(state, bits=4)
-  compare('NNX model, digits', forward, state, state_q, x_test,
-          lambda out: accuracy(out, y_test))
+  compare(
+    'NNX model, digits',
+    forward,
+    state,
+    state_q,
+    x_test,
+    lambda out: accuracy(out, y_test),
+  )
 
 
 if __name__ == '__main__':

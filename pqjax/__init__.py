@@ -1,19 +1,53 @@
 """pqjax: data-free power quantization (PowerQuant) of JAX parameter pytrees."""
 
-from pqjax.apply import wrap
-from pqjax.checkpoint import (
-  CheckpointError,
-  load_orbax,
-  load_safetensors,
-  save_orbax,
-  save_safetensors,
-)
-from pqjax.qarray import QArray, dequantize
-from pqjax.quantize import quantize
-from pqjax.search import SearchConfig
-from pqjax.sizes import Summary, nbytes, summary
+from pqjax._src.core.leaves import path_str as path_str
+from pqjax._src.core.qarray import QArray as QArray
+from pqjax._src.core.qarray import dequantize as dequantize
+from pqjax._src.core.qarray import quantized_leaves as quantized_leaves
+from pqjax._src.io.orbax import load as load_orbax
+from pqjax._src.io.orbax import save as save_orbax
+from pqjax._src.io.registry import load as load
+from pqjax._src.io.registry import load_float as load_float
+from pqjax._src.io.registry import save as save
+from pqjax._src.io.safetensors import load as load_safetensors
+from pqjax._src.io.safetensors import save as save_safetensors
+from pqjax._src.io.treespec import CheckpointError as CheckpointError
+from pqjax._src.options import QuantizeOptions as QuantizeOptions
+from pqjax._src.quantize import quantize as quantize
+from pqjax._src.runtime.activations import Product as Product
+from pqjax._src.runtime.activations import quantized_products as quantized_products
+from pqjax._src.runtime.wrap import wrap as wrap
+from pqjax._src.search.config import SearchConfig as SearchConfig
+from pqjax._src.summary import LeafSummary as LeafSummary
+from pqjax._src.summary import Summary as Summary
+from pqjax._src.summary import nbytes as nbytes
+from pqjax._src.summary import relative_error as relative_error
+from pqjax._src.summary import summary as summary
 
-__all__ = ['CheckpointError', 'QArray', 'SearchConfig', 'Summary', 'dequantize',
-           'load_orbax', 'load_safetensors', 'nbytes', 'quantize', 'save_orbax',
-           'save_safetensors', 'summary', 'wrap']
 __version__ = '0.1.0'
+
+__all__ = (
+  'CheckpointError',
+  'LeafSummary',
+  'Product',
+  'QArray',
+  'QuantizeOptions',
+  'SearchConfig',
+  'Summary',
+  'dequantize',
+  'load',
+  'load_float',
+  'load_orbax',
+  'load_safetensors',
+  'nbytes',
+  'path_str',
+  'quantize',
+  'quantized_leaves',
+  'quantized_products',
+  'relative_error',
+  'save',
+  'save_orbax',
+  'save_safetensors',
+  'summary',
+  'wrap',
+)

@@ -1,5 +1,5 @@
 import sys
 
-from pqjax.cli import main
+from pqjax.tools.cli import main
 
 sys.exit(main())

@@ -19,8 +19,9 @@ def blocks(w: np.ndarray, nk: int, ncol: int) -> tuple[np.ndarray, np.ndarray]:
   return w3, m
 
 
-def power_codes(w: np.ndarray, a: float, bits: int, nk: int = 1, ncol: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def power_codes(
+  w: np.ndarray, a: float, bits: int, nk: int = 1, ncol: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(signed codes, pre-rounding values, scales) of q = sign(w) round(qmax (|w|/m)^a)."""
   ncol = w.shape[1] if ncol is None else ncol
   w3, m = blocks(w, nk, ncol)
@@ -40,8 +41,9 @@ def power_decode(q: np.ndarray, m: np.ndarray, a: float, bits: int) -> np.ndarra
   return (np.sign(q3).astype(np.float32) * mag * m).reshape(k, n)
 
 
-def power_error(w: np.ndarray, a: float, bits: int, nk: int = 1,
-                ncol: int | None = None) -> float:
+def power_error(
+  w: np.ndarray, a: float, bits: int, nk: int = 1, ncol: int | None = None
+) -> float:
   """||w - w_hat||^2 in float64 for the power quantizer with exponent a."""
   q, _, m = power_codes(w, a, bits, nk, ncol)
   w_hat = power_decode(q, m, a, bits)
@@ -63,7 +65,7 @@ def grid_levels(a: float, bits: int, grid: str) -> np.ndarray:
     k = np.arange(-qmax(bits), qmax(bits) + 1)
     return np.sign(k) * (np.abs(k) / qmax(bits)) ** (1.0 / a)
   half = 2 ** (bits - 1)
-  neg = -(np.arange(half, 0, -1) / half) ** (1.0 / a)
+  neg = -((np.arange(half, 0, -1) / half) ** (1.0 / a))
   pos = (np.arange(0, half) / (half - 1)) ** (1.0 / a)
   return np.concatenate([neg, pos])
 
@@ -77,9 +79,15 @@ def row_blocks(k: int, group: int | None) -> list[slice]:
   return [slice(i * rows, min((i + 1) * rows, k)) for i in range(nk)]
 
 
-def quantize_ref(w: np.ndarray, a: float, bits: int, grid: str = 'full',
-                 clip: float = 1.0, group: int | None = None, per_column: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def quantize_ref(
+  w: np.ndarray,
+  a: float,
+  bits: int,
+  grid: str = 'full',
+  clip: float = 1.0,
+  group: int | None = None,
+  per_column: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
   """(w_hat float32, distance of each weight to its nearest decision point).
 
   Full grid: each weight takes the nearest level of ``clip * absmax * levels``
@@ -91,8 +99,9 @@ def quantize_ref(w: np.ndarray, a: float, bits: int, grid: str = 'full',
   margin = np.full(w.shape, np.inf)
   for rows in row_blocks(w.shape[0], group):
     b = w[rows]
-    m = np.abs(b).max(axis=0, keepdims=True) if per_column else np.abs(b).max(
-        keepdims=True)
+    m = (
+      np.abs(b).max(axis=0, keepdims=True) if per_column else np.abs(b).max(keepdims=True)
+    )
     s = np.float32(clip) * m
     x = b / np.where(s > 0, s, np.float32(1))
     if grid == 'full':
@@ -108,9 +117,15 @@ def quantize_ref(w: np.ndarray, a: float, bits: int, grid: str = 'full',
   return out, margin
 
 
-def quantize_error(w: np.ndarray, a: float, bits: int, grid: str = 'full',
-                   clip: float = 1.0, group: int | None = None,
-                   per_column: bool = True) -> float:
+def quantize_error(
+  w: np.ndarray,
+  a: float,
+  bits: int,
+  grid: str = 'full',
+  clip: float = 1.0,
+  group: int | None = None,
+  per_column: bool = True,
+) -> float:
   """||w - w_hat||^2 in float64."""
   w_hat, _ = quantize_ref(w, a, bits, grid, clip, group, per_column)
   return float(np.sum((w.astype(np.float64) - w_hat) ** 2))

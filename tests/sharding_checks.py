@@ -15,7 +15,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pqjax
-from pqjax import sharding, tree
+from pqjax._src import sharding
+from pqjax._src.core import blocks
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 devices')
 
@@ -37,9 +38,11 @@ def _specs(shape):
 
 def _params(seed=0):
   rng = np.random.default_rng(seed)
-  return {'dense': rng.standard_normal((256, 96)).astype(np.float32) * 0.05,
-          'laplace': rng.laplace(size=(64, 384)).astype(np.float32),
-          'big': rng.standard_normal((512, 320)).astype(np.float32)}
+  return {
+    'dense': rng.standard_normal((256, 96)).astype(np.float32) * 0.05,
+    'laplace': rng.laplace(size=(64, 384)).astype(np.float32),
+    'big': rng.standard_normal((512, 320)).astype(np.float32),
+  }
 
 
 def _put(params, mesh, spec):
@@ -55,8 +58,9 @@ def _check_against_one_device(q, ref, alphas, ref_alphas, leaves):
     got, want = q[name], ref[name]
     assert alphas[name] == ref_alphas[name], name
     for f in ('codes', 'scale', 'alpha', 'table'):
-      np.testing.assert_array_equal(np.asarray(getattr(got, f)),
-                                    np.asarray(getattr(want, f)), err_msg=f'{name}.{f}')
+      np.testing.assert_array_equal(
+        np.asarray(getattr(got, f)), np.asarray(getattr(want, f)), err_msg=f'{name}.{f}'
+      )
     spec = leaf.sharding.spec
     mesh = leaf.sharding.mesh
     assert got.codes.sharding.is_equivalent_to(NamedSharding(mesh, spec), 2), name
@@ -80,9 +84,14 @@ def test_quantize_matches_one_device(mesh_name):
     assert all(v is not None for v in alphas.values()), label
 
 
-@pytest.mark.parametrize('bits,granularity,specs', [
-    (3, 'channel', (P('x', 'y'), P('x', None))), (8, 'tensor', (P('x', 'y'),)),
-    (2, 16, (P('x', 'y'), P(None, 'y')))])
+@pytest.mark.parametrize(
+  'bits,granularity,specs',
+  [
+    (3, 'channel', (P('x', 'y'), P('x', None))),
+    (8, 'tensor', (P('x', 'y'),)),
+    (2, 16, (P('x', 'y'), P(None, 'y'))),
+  ],
+)
 def test_bits_and_granularities(bits, granularity, specs):
   mesh = _mesh('2x4')
   params = _params(1)
@@ -96,12 +105,15 @@ def test_bits_and_granularities(bits, granularity, specs):
 def test_conv_kernel_and_global_exponent():
   mesh = _mesh('4x2')
   rng = np.random.default_rng(2)
-  params = {'conv': rng.standard_normal((4, 3, 8, 64)).astype(np.float32),
-            'dense': rng.standard_normal((128, 32)).astype(np.float32)}
+  params = {
+    'conv': rng.standard_normal((4, 3, 8, 64)).astype(np.float32),
+    'dense': rng.standard_normal((128, 32)).astype(np.float32),
+  }
   ref, ref_alphas = pqjax.quantize(params, 4, exponent='global')
-  leaves = {'conv': jax.device_put(params['conv'],
-                                   NamedSharding(mesh, P('x', None, None, 'y'))),
-            'dense': jax.device_put(params['dense'], NamedSharding(mesh, P(None, 'x')))}
+  leaves = {
+    'conv': jax.device_put(params['conv'], NamedSharding(mesh, P('x', None, None, 'y'))),
+    'dense': jax.device_put(params['dense'], NamedSharding(mesh, P(None, 'x'))),
+  }
   q, alphas = pqjax.quantize(leaves, 4, exponent='global')
   for name in params:
     assert alphas[name] == ref_alphas[name]
@@ -113,9 +125,11 @@ def test_conv_kernel_and_global_exponent():
 def test_wrapped_apply_on_sharded_params_and_inputs():
   mesh = _mesh('2x4')
   rng = np.random.default_rng(3)
-  params = {'w1': rng.standard_normal((64, 256)).astype(np.float32) * 0.1,
-            'b1': np.zeros(256, np.float32),
-            'w2': rng.standard_normal((256, 32)).astype(np.float32) * 0.1}
+  params = {
+    'w1': rng.standard_normal((64, 256)).astype(np.float32) * 0.1,
+    'b1': np.zeros(256, np.float32),
+    'w2': rng.standard_normal((256, 32)).astype(np.float32) * 0.1,
+  }
   x = rng.standard_normal((16, 64)).astype(np.float32)
 
   def apply(p, x):
@@ -123,9 +137,11 @@ def test_wrapped_apply_on_sharded_params_and_inputs():
 
   ref_q, _ = pqjax.quantize(params, 4)
   # Megatron-style: the first kernel cut on its outputs, the second on its inputs.
-  sharded = {'w1': jax.device_put(params['w1'], NamedSharding(mesh, P(None, 'y'))),
-             'b1': jax.device_put(params['b1'], NamedSharding(mesh, P('y'))),
-             'w2': jax.device_put(params['w2'], NamedSharding(mesh, P('y', None)))}
+  sharded = {
+    'w1': jax.device_put(params['w1'], NamedSharding(mesh, P(None, 'y'))),
+    'b1': jax.device_put(params['b1'], NamedSharding(mesh, P('y'))),
+    'w2': jax.device_put(params['w2'], NamedSharding(mesh, P('y', None))),
+  }
   params_q, _ = pqjax.quantize(sharded, 4)
   xs = jax.device_put(x, NamedSharding(mesh, P('x', None)))
   fn = jax.jit(pqjax.wrap(apply))
@@ -140,9 +156,11 @@ def test_wrapped_apply_on_sharded_params_and_inputs():
 def _collectives(hlo):
   """``(op, element count)`` of every collective in an HLO module's text."""
   out = []
-  for m in re.finditer(r'= ([a-z0-9]+)\[([0-9,]*)\][^=]*? (all-gather|all-reduce|'
-                       r'all-to-all|collective-permute|reduce-scatter)(-start)?\(',
-                       hlo):
+  for m in re.finditer(
+    r'= ([a-z0-9]+)\[([0-9,]*)\][^=]*? (all-gather|all-reduce|'
+    r'all-to-all|collective-permute|reduce-scatter)(-start)?\(',
+    hlo,
+  ):
     dims = [int(d) for d in m.group(2).split(',') if d]
     out.append((m.group(3), int(np.prod(dims)) if dims else 1))
   return out
@@ -155,20 +173,39 @@ def test_compiled_passes_move_no_weights(spec):
   k, n = 2048, 1024
   leaves = (jax.device_put(jnp.ones((k, n), jnp.float32), NamedSharding(mesh, spec)),)
   layout = sharding.layout_of('w', leaves[0])
-  b = tree.blocks_for((k, n), 'channel')
-  stats_hlo = sharding.group_stats.lower(
-      leaves, layout=layout, k=k, n=n, nk=b.nk, ncol=b.ncol).compile().as_text()
+  b = blocks.blocks_for((k, n), 'channel')
+  stats_hlo = (
+    sharding.group_stats.lower(leaves, layout=layout, k=k, n=n, nk=b.nk, ncol=b.ncol)
+    .compile()
+    .as_text()
+  )
   shard = k * n // 8
   found = _collectives(stats_hlo)
   assert found, 'the statistics are reduced across shards'
   assert max(size for _, size in found) < shard, found
-  _, absmax, _ = sharding.group_stats(leaves, layout=layout, k=k, n=n, nk=b.nk,
-                                      ncol=b.ncol)
+  _, absmax, _ = sharding.group_stats(
+    leaves, layout=layout, k=k, n=n, nk=b.nk, ncol=b.ncol
+  )
   one = jnp.ones((1,), jnp.float32)
-  encode_hlo = sharding.encode_layers.lower(
-      leaves, one, one, absmax, jnp.zeros((1,), bool), layout=layout, k=k, n=n,
-      nk=b.nk, bits=4, grid='full', block_clip=False,
-      config=pqjax.SearchConfig()).compile().as_text()
+  encode_hlo = (
+    sharding.encode_layers.lower(
+      leaves,
+      one,
+      one,
+      absmax,
+      jnp.zeros((1,), bool),
+      layout=layout,
+      k=k,
+      n=n,
+      nk=b.nk,
+      bits=4,
+      grid='full',
+      block_clip=False,
+      config=pqjax.SearchConfig(),
+    )
+    .compile()
+    .as_text()
+  )
   assert not [c for c in _collectives(encode_hlo) if c[1] >= n], encode_hlo[:2000]
   assert 'all-gather' not in encode_hlo
 
@@ -179,7 +216,8 @@ def test_orbax_round_trip_onto_the_mesh(tmp_path):
   params_q, _ = pqjax.quantize(params, 4)
   pqjax.save_orbax(tmp_path / 'q', params_q)
   target = jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params_q)
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params_q
+  )
   restored = pqjax.load_orbax(tmp_path / 'q', target=target)
   for name in params:
     for f in ('codes', 'scale', 'alpha', 'table'):
@@ -188,15 +226,20 @@ def test_orbax_round_trip_onto_the_mesh(tmp_path):
       assert got.sharding.is_equivalent_to(want.sharding, got.ndim), (name, f)
   # Onto another layout: the restored codes take the target's sharding.
   other = jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(
-          mesh, P(None, 'x') if a.ndim == 2 else P())), params_q)
+    lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=NamedSharding(mesh, P(None, 'x') if a.ndim == 2 else P())
+    ),
+    params_q,
+  )
   moved = pqjax.load_orbax(tmp_path / 'q', target=other)
   assert moved['big'].codes.sharding.spec == P(None, 'x')
-  np.testing.assert_array_equal(np.asarray(moved['big'].codes),
-                                np.asarray(params_q['big'].codes))
+  np.testing.assert_array_equal(
+    np.asarray(moved['big'].codes), np.asarray(params_q['big'].codes)
+  )
   unsharded = pqjax.load_orbax(tmp_path / 'q')
-  np.testing.assert_array_equal(np.asarray(unsharded['dense'].codes),
-                                np.asarray(params_q['dense'].codes))
+  np.testing.assert_array_equal(
+    np.asarray(unsharded['dense'].codes), np.asarray(params_q['dense'].codes)
+  )
 
 
 def test_unsupported_layouts_name_the_leaf():
@@ -204,17 +247,22 @@ def test_unsupported_layouts_name_the_leaf():
   rng = np.random.default_rng(5)
   w = rng.standard_normal((24, 16)).astype(np.float32)
   # 3 bits pack 8 rows to a unit; 24 rows over 4 shards leaves 6 a shard.
-  leaf = jax.device_put(w, NamedSharding(Mesh(np.array(jax.devices()[:4]), ('k',)),
-                                         P('k', None)))
+  leaf = jax.device_put(
+    w, NamedSharding(Mesh(np.array(jax.devices()[:4]), ('k',)), P('k', None))
+  )
   with pytest.raises(ValueError, match=r'w: at 3 bits codes are packed 8 rows'):
     pqjax.quantize({'w': leaf}, 3)
   with pytest.raises(ValueError, match=r'w: groups of 8 rows do not tile'):
-    pqjax.quantize({'w': jax.device_put(w, NamedSharding(mesh, P('x', None)))}, 4,
-                   granularity=8)
+    pqjax.quantize(
+      {'w': jax.device_put(w, NamedSharding(mesh, P('x', None)))}, 4, granularity=8
+    )
   with pytest.raises(ValueError, match=r'w: clip="block" needs each scale block'):
-    pqjax.quantize({'w': jax.device_put(w, NamedSharding(mesh, P('x', None)))}, 4,
-                   clip='block')
-  conv = jax.device_put(rng.standard_normal((3, 4, 8)).astype(np.float32),
-                        NamedSharding(mesh, P(None, 'y', None)))
+    pqjax.quantize(
+      {'w': jax.device_put(w, NamedSharding(mesh, P('x', None)))}, 4, clip='block'
+    )
+  conv = jax.device_put(
+    rng.standard_normal((3, 4, 8)).astype(np.float32),
+    NamedSharding(mesh, P(None, 'y', None)),
+  )
   with pytest.raises(ValueError, match=r'w: sharding .* contiguous'):
     pqjax.quantize({'w': conv}, 4)

@@ -14,20 +14,23 @@ import pqjax
 def _params(seed=0):
   rng = np.random.default_rng(seed)
   return {
-      'dense': {'kernel': rng.standard_normal((32, 16)).astype(np.float32),
-                'bias': rng.standard_normal(16).astype(np.float32)},
-      'conv': {'kernel': rng.standard_normal((3, 3, 4, 8)).astype(np.float32)},
-      'embed': jnp.asarray(rng.standard_normal((50, 16)), jnp.bfloat16),
-      'half': jnp.asarray(rng.standard_normal((16, 8)), jnp.float16),
-      'layers': [rng.standard_normal((8, 8)).astype(np.float32), None],
-      'step': np.int32(3),
-      'ids': np.arange(12, dtype=np.int32).reshape(3, 4),
+    'dense': {
+      'kernel': rng.standard_normal((32, 16)).astype(np.float32),
+      'bias': rng.standard_normal(16).astype(np.float32),
+    },
+    'conv': {'kernel': rng.standard_normal((3, 3, 4, 8)).astype(np.float32)},
+    'embed': jnp.asarray(rng.standard_normal((50, 16)), jnp.bfloat16),
+    'half': jnp.asarray(rng.standard_normal((16, 8)), jnp.float16),
+    'layers': [rng.standard_normal((8, 8)).astype(np.float32), None],
+    'step': np.int32(3),
+    'ids': np.arange(12, dtype=np.int32).reshape(3, 4),
   }
 
 
 def test_default_selection_and_structure():
   params = _params()
   params_q, alphas = pqjax.quantize(params, 4)
+
   def structure(tree):
     return jax.tree_util.tree_structure(tree, is_leaf=lambda x: x is None)
 
@@ -57,30 +60,40 @@ def test_no_float_copy_in_quantized_leaves():
   assert q.scale.shape == (1, 16) and q.table.shape == (16,)  # the full grid
 
 
-@pytest.mark.parametrize('granularity,scale_shape', [('tensor', (1, 1)),
-                                                     ('channel', (1, 16)), (8, (4, 16))])
+@pytest.mark.parametrize(
+  'granularity,scale_shape', [('tensor', (1, 1)), ('channel', (1, 16)), (8, (4, 16))]
+)
 def test_granularity_sets_the_scale_blocks(granularity, scale_shape):
   w = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
-  params_q, alphas = pqjax.quantize({'w': w}, 4, granularity=granularity,
-                                    grid='symmetric', clip=False, scale_dtype='float32')
+  params_q, alphas = pqjax.quantize(
+    {'w': w},
+    4,
+    granularity=granularity,
+    grid='symmetric',
+    clip=False,
+    scale_dtype='float32',
+  )
   q = params_q['w']
   assert q.scale.shape == scale_shape
   nk, ncol = scale_shape
   codes, _, m = ref.power_codes(w, alphas['w'], 4, nk, ncol)
-  np.testing.assert_array_equal(np.asarray(q.dequantize()),
-                                ref.power_decode(codes, m, alphas['w'], 4))
+  np.testing.assert_array_equal(
+    np.asarray(q.dequantize()), ref.power_decode(codes, m, alphas['w'], 4)
+  )
 
 
 def test_filter_chooses_leaves_by_path():
   params = _params()
   params_q, alphas = pqjax.quantize(
-      params, 8, filter=lambda path, leaf: path.startswith('dense/'))
+    params, 8, filter=lambda path, leaf: path.startswith('dense/')
+  )
   assert isinstance(params_q['dense']['kernel'], pqjax.QArray)
   assert isinstance(params_q['dense']['bias'], pqjax.QArray)  # 1-D forced in
   assert params_q['conv']['kernel'] is params['conv']['kernel']
   assert alphas['embed'] is None
-  np.testing.assert_allclose(np.asarray(params_q['dense']['bias'].dequantize()),
-                             params['dense']['bias'], atol=0.05)
+  np.testing.assert_allclose(
+    np.asarray(params_q['dense']['bias'].dequantize()), params['dense']['bias'], atol=0.05
+  )
 
 
 @pytest.mark.parametrize('bits', [1, 9, 0, -4, 4.0, '4', True, None])
@@ -129,8 +142,9 @@ def test_bad_clip(clip):
     pqjax.quantize(_params(), 4, clip=clip)
 
 
-@pytest.mark.parametrize('kw', [{'grid': 'uniform'}, {'scale_dtype': 'int8'},
-                                {'scale_dtype': np.float64}])
+@pytest.mark.parametrize(
+  'kw', [{'grid': 'uniform'}, {'scale_dtype': 'int8'}, {'scale_dtype': np.float64}]
+)
 def test_bad_grid_and_scale_dtype(kw):
   with pytest.raises(ValueError, match='grid|scale_dtype'):
     pqjax.quantize(_params(), 4, **kw)
@@ -149,9 +163,13 @@ def test_all_zero_tensor_and_channel_decode_to_exact_zeros():
   w[:, 2] = 0
   for granularity in ('channel', 'tensor', 4):
     for exponent, clip in (('layer', True), ('global', 'block'), (1.0, False)):
-      params_q, alphas = pqjax.quantize({'w': w, 'z': np.zeros((8, 4), np.float32)}, 3,
-                                        granularity=granularity, exponent=exponent,
-                                        clip=clip)
+      params_q, alphas = pqjax.quantize(
+        {'w': w, 'z': np.zeros((8, 4), np.float32)},
+        3,
+        granularity=granularity,
+        exponent=exponent,
+        clip=clip,
+      )
       out = pqjax.dequantize(params_q)
       assert np.all(np.isfinite(out['w'])) and np.all(out['w'][:, 2] == 0)
       assert np.all(out['z'] == 0) and np.isfinite(alphas['z'])
@@ -185,17 +203,35 @@ def test_quantized_tree_works_with_jax_tree_utilities():
   moved = jax.tree_util.tree_map(lambda x: x, params_q)
   assert moved['dense']['kernel'].shape == q.shape
   with pytest.raises(ValueError, match='codes shape'):
-    pqjax.QArray(codes=q.codes[:3], scale=q.scale, alpha=q.alpha, table=q.table,
-                 bits=4, shape=q.shape, dtype=q.dtype)
+    pqjax.QArray(
+      codes=q.codes[:3],
+      scale=q.scale,
+      alpha=q.alpha,
+      table=q.table,
+      bits=4,
+      shape=q.shape,
+      dtype=q.dtype,
+    )
   with pytest.raises(ValueError, match='does not tile'):
-    pqjax.QArray(codes=q.codes, scale=q.scale[:, :5], alpha=q.alpha, table=q.table,
-                 bits=4, shape=q.shape, dtype=q.dtype)
+    pqjax.QArray(
+      codes=q.codes,
+      scale=q.scale[:, :5],
+      alpha=q.alpha,
+      table=q.table,
+      bits=4,
+      shape=q.shape,
+      dtype=q.dtype,
+    )
 
 
 def test_error_shrinks_with_bits():
   w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
-  errs = [float(np.sum((np.asarray(pqjax.dequantize(pqjax.quantize({'w': w}, b)[0])['w'])
-                        - w) ** 2)) for b in range(2, 9)]
+  errs = [
+    float(
+      np.sum((np.asarray(pqjax.dequantize(pqjax.quantize({'w': w}, b)[0])['w']) - w) ** 2)
+    )
+    for b in range(2, 9)
+  ]
   assert all(e1 > e2 for e1, e2 in zip(errs, errs[1:]))
 
 

@@ -12,11 +12,28 @@ from pathlib import Path
 
 def test_sharding_checks_on_8_devices():
   here = Path(__file__).parent
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-         'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
+  env = {
+    **os.environ,
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+    'JAX_PLATFORMS': 'cpu',
+    'TF_CPP_MIN_LOG_LEVEL': '3',
+  }
   out = subprocess.run(
-      [sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider',
-       str(here / 'sharding_checks.py')],
-      cwd=here.parent, env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      '-m',
+      'pytest',
+      '-q',
+      '-x',
+      '-p',
+      'no:cacheprovider',
+      str(here / 'sharding_checks.py'),
+    ],
+    cwd=here.parent,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
   assert ' passed' in out.stdout and 'skipped' not in out.stdout, out.stdout[-2000:]

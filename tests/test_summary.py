@@ -22,7 +22,7 @@ def packed_bytes(k: int, n: int, bits: int) -> int:
 
 def qarray_bytes(shape, bits, scales, scale_bytes=4, grid='full'):
   k, n = math.prod(shape[:-1]), shape[-1]
-  levels = 2 ** bits - (grid == 'symmetric')
+  levels = 2**bits - (grid == 'symmetric')
   return packed_bytes(k, n, bits) + scale_bytes * scales + 4 + 4 * levels
 
 
@@ -30,12 +30,16 @@ def qarray_bytes(shape, bits, scales, scale_bytes=4, grid='full'):
 def tree():
   rng = np.random.default_rng(0)
   w = lambda shape, dtype: jnp.asarray(rng.standard_normal(shape), dtype)
-  params = {'enc': {'kernel': w((3, 5, 16), jnp.bfloat16), 'bias': w((16,), jnp.float32)},
-            'emb': [w((30, 7), jnp.float16)], 'ids': np.arange(6, dtype=np.int32),
-            'none': None}
+  params = {
+    'enc': {'kernel': w((3, 5, 16), jnp.bfloat16), 'bias': w((16,), jnp.float32)},
+    'emb': [w((30, 7), jnp.float16)],
+    'ids': np.arange(6, dtype=np.int32),
+    'none': None,
+  }
   q3, _ = pqjax.quantize(params, 3, granularity=5, exponent=0.7)
-  q6, _ = pqjax.quantize({'w': w((9, 4), jnp.float32)}, 6, granularity='tensor',
-                         exponent=0.5)
+  q6, _ = pqjax.quantize(
+    {'w': w((9, 4), jnp.float32)}, 6, granularity='tensor', exponent=0.5
+  )
   return params, {**q3, 'extra': q6}
 
 
@@ -90,23 +94,36 @@ def test_table_text(tree):
   text = s.format()
   assert text == str(s)
   lines = text.splitlines()
-  assert lines[0].split() == ['path', 'shape', 'dtype', 'bits', 'grid', 'exponent',
-                              'scales', 'bytes', 'before', 'bytes', 'after',
-                              'bits/weight']
+  assert lines[0].split() == [
+    'path',
+    'shape',
+    'dtype',
+    'bits',
+    'grid',
+    'exponent',
+    'scales',
+    'bytes',
+    'before',
+    'bytes',
+    'after',
+    'bits/weight',
+  ]
   for r in s.leaves:
     (line,) = [x for x in lines if x.startswith(r.path + ' ')]
     cells = line.split()
     assert cells[1] == 'x'.join(map(str, r.shape)) and cells[2] == r.dtype
     assert cells[3] == str(r.bits) and cells[-3:] == [
-        f'{r.bytes_before:,}', f'{r.bytes_after:,}', f'{r.bits_per_weight:.3f}']
+      f'{r.bytes_before:,}',
+      f'{r.bytes_after:,}',
+      f'{r.bits_per_weight:.3f}',
+    ]
   assert f'total: {s.total_before:,} -> {s.total_after:,} bytes' in text
   weights = sum(np.prod(r.shape) for r in s.leaves)
   assert f'({8 * s.quantized_after / weights:.3f} bits/weight)' in text
 
 
 def test_public_names():
-  from pqjax import sizes
 
-  assert pqjax.summary is sizes.summary and pqjax.nbytes is sizes.nbytes
+  assert pqjax.summary is pqjax.summary and pqjax.nbytes is pqjax.nbytes
   assert pqjax.nbytes({'a': np.zeros(3, np.float32)}) == 12
   assert pqjax.summary({}).leaves == ()

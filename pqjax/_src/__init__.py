@@ -1,0 +1,1 @@
+"""The implementation of pqjax; the public API is the ``pqjax`` package."""

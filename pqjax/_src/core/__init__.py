@@ -1,0 +1,1 @@
+"""The quantized array and its operator: the grid, packing, scale blocks, leaves."""

@@ -1,0 +1,1 @@
+"""Checkpoints: one module per format behind one registry."""

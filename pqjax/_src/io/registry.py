@@ -1,0 +1,176 @@
+"""One registry of checkpoint formats, shared by load, save, the float readers, the CLI.
+
+Each format is a module with ``claims(path)`` and some of ``save``, ``load`` (a pqjax
+checkpoint) and ``read_float`` (any float tree in that format). A path's format is
+the first registered one that claims it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pqjax._src.core.qarray import contains_qarray
+from pqjax._src.io import msgpack, orbax, safetensors
+from pqjax._src.io.treespec import CheckpointError, PathLike
+
+Capability = Literal['save', 'load', 'read_float']
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Format:
+  """A checkpoint format and what it can do."""
+
+  # The name users pass as ``format=`` and the CLI's ``--format``.
+  name: str
+  # Whether a path (existing or to be written) is in this format.
+  claims: Callable[[Path], bool]
+  # ``save(path, tree, *, overwrite)``: writes a (quantized) tree atomically.
+  save: Callable[..., None] | None = None
+  # ``load(path)``: a pqjax checkpoint, bit for bit.
+  load: Callable[[Path], Any] | None = None
+  # ``read_float(path)``: a float tree from any file of the format.
+  read_float: Callable[[Path], Any] | None = None
+  # How the format is described in error messages.
+  description: str = ''
+
+
+_FORMATS: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> None:
+  """Adds a format; a later format with the same name replaces the earlier one."""
+  _FORMATS[fmt.name] = fmt
+
+
+def formats(capability: Capability | None = None) -> tuple[str, ...]:
+  """Names of the registered formats, those with ``capability`` if given."""
+  return tuple(
+    name
+    for name, f in _FORMATS.items()
+    if capability is None or getattr(f, capability) is not None
+  )
+
+
+def _by_name(name: object, capability: Capability) -> Format:
+  fmt = _FORMATS.get(name) if isinstance(name, str) else None
+  if fmt is None or getattr(fmt, capability) is None:
+    names = ' or '.join(f'"{n}"' for n in formats(capability))
+    raise ValueError(f'format must be {names}, got {name!r}')
+  return fmt
+
+
+def _for_path(path: Path, capability: Capability) -> Format | None:
+  for fmt in _FORMATS.values():
+    if getattr(fmt, capability) is not None and fmt.claims(path):
+      return fmt
+  return None
+
+
+def _unknown(path: Path, capability: Capability) -> CheckpointError:
+  kinds = ', '.join(_FORMATS[n].description for n in formats(capability))
+  return CheckpointError(f'{path}: unknown checkpoint format; expected {kinds}')
+
+
+def load_float(path: PathLike) -> Any:
+  """Reads a float parameter tree: an Orbax directory, flax msgpack or safetensors.
+
+  The format follows the path: a directory is an Orbax checkpoint, ``*.msgpack`` a
+  ``flax.serialization`` file, ``*.safetensors`` a safetensors file. A flat
+  safetensors file (Hugging Face, PyTorch) becomes nested dicts by splitting names
+  on ``.``; its arrays keep their layout (a PyTorch Linear weight stays
+  ``(out, in)``). Non-float arrays (``position_ids``) come back untouched.
+
+  Args:
+    path: the checkpoint's file or directory.
+
+  Returns:
+    The tree of arrays.
+
+  Raises:
+    CheckpointError: the path is missing, of an unknown format, unreadable, or
+      already quantized.
+  """
+  path = Path(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path}: no such file or directory')
+  fmt = _for_path(path, 'read_float')
+  if fmt is None or fmt.read_float is None:
+    raise _unknown(path, 'read_float')
+  tree = fmt.read_float(path)
+  if contains_qarray(tree):
+    raise CheckpointError(f'{path}: already quantized (it holds QArray leaves)')
+  return tree
+
+
+def load(path: PathLike) -> Any:
+  """Loads a pqjax checkpoint: an Orbax directory or a safetensors file.
+
+  Args:
+    path: the checkpoint's file or directory.
+
+  Returns:
+    The saved tree, bit for bit.
+
+  Raises:
+    CheckpointError: the checkpoint is missing, truncated, corrupted or foreign.
+  """
+  path = Path(path)
+  fmt = _for_path(path, 'load')
+  # Anything else is read as safetensors, whose reader says what is wrong with it.
+  loader = fmt.load if fmt is not None else _FORMATS['safetensors'].load
+  assert loader is not None
+  return loader(path)
+
+
+def save(
+  path: PathLike, tree: Any, *, format: str | None = None, overwrite: bool = False
+) -> None:
+  """Saves a (quantized) tree in a format named, or chosen by the path.
+
+  Args:
+    path: where to write; ``*.safetensors`` is a safetensors file, anything else an
+      Orbax directory unless ``format`` says otherwise.
+    tree: the tree to save.
+    format: ``"safetensors"`` or ``"orbax"``; default from ``path``.
+    overwrite: replace what is at ``path``.
+  """
+  if format is None:
+    fmt = _for_path(Path(path), 'save') or _FORMATS['orbax']
+  else:
+    fmt = _by_name(format, 'save')
+  assert fmt.save is not None
+  fmt.save(path, tree, overwrite=overwrite)
+
+
+register(
+  Format(
+    name='safetensors',
+    claims=safetensors.claims,
+    save=safetensors.save,
+    load=safetensors.load,
+    read_float=safetensors.read_float,
+    description='a .safetensors file',
+  )
+)
+register(
+  Format(
+    name='orbax',
+    claims=orbax.claims,
+    save=orbax.save,
+    load=orbax.load,
+    read_float=orbax.read_float,
+    description='an Orbax directory',
+  )
+)
+register(
+  Format(
+    name='msgpack',
+    claims=msgpack.claims,
+    read_float=msgpack.read_float,
+    description='a .msgpack file (flax.serialization)',
+  )
+)

@@ -1,0 +1,178 @@
+"""safetensors: one file; the pqjax metadata sits in the header's ``__metadata__``.
+
+Any safetensors file can also be read as a float tree (Hugging Face, PyTorch): flat
+names such as ``encoder.layer.0.weight`` become nested dicts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from pqjax._src.io import atomic
+from pqjax._src.io.treespec import (
+  FORMAT,
+  CheckpointError,
+  PathLike,
+  check_metadata,
+  flatten,
+  host,
+  metadata,
+  unflatten,
+  verify,
+)
+
+# safetensors' dtype names; ml_dtypes gives NumPy the ones it lacks.
+_SAFETENSORS_DTYPES = {
+  'BOOL': np.bool_,
+  'U8': np.uint8,
+  'I8': np.int8,
+  'U16': np.uint16,
+  'I16': np.int16,
+  'U32': np.uint32,
+  'I32': np.int32,
+  'U64': np.uint64,
+  'I64': np.int64,
+  'F16': np.float16,
+  'BF16': ml_dtypes.bfloat16,
+  'F32': np.float32,
+  'F64': np.float64,
+  'C64': np.complex64,
+  'F8_E4M3': ml_dtypes.float8_e4m3fn,
+  'F8_E5M2': ml_dtypes.float8_e5m2,
+}
+
+
+def save(path: PathLike, tree: Any, *, overwrite: bool = False) -> None:
+  """Saves a (quantized) tree to one safetensors file; see the module docstring."""
+  from safetensors.numpy import save_file
+
+  spec, tensors = flatten(tree)
+  tensors = host(tensors)
+  meta = metadata(json.dumps(spec, separators=(',', ':')), tensors)
+
+  def write(tmp: Path) -> None:
+    save_file(tensors, tmp, metadata=meta)
+    atomic.fsync(tmp)
+
+  atomic.atomic_write(path, write, overwrite)
+
+
+def _header(data: bytes, where: Path) -> dict[str, Any]:
+  """The JSON header of safetensors bytes, with clear errors for broken files."""
+  if len(data) < 8:
+    raise CheckpointError(
+      f'{where}: truncated or not a safetensors file: {len(data)}'
+      ' bytes, fewer than the 8-byte header length'
+    )
+  size = int.from_bytes(data[:8], 'little')
+  if 8 + size > len(data):
+    raise CheckpointError(
+      f'{where}: truncated or not a safetensors file: the header should be {size}'
+      f' bytes but only {len(data) - 8} follow the length field'
+    )
+  try:
+    header = json.loads(data[8 : 8 + size])
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(
+      f'{where}: corrupted or not a safetensors file: the header is not valid JSON ({e})'
+    ) from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f'{where}: corrupted safetensors header: not a JSON object')
+  try:
+    end = max(
+      (int(v['data_offsets'][1]) for k, v in header.items() if k != '__metadata__'),
+      default=0,
+    )
+  except (KeyError, IndexError, TypeError, ValueError):
+    raise CheckpointError(
+      f'{where}: corrupted safetensors header: bad tensor entries'
+    ) from None
+  if end > len(data) - 8 - size:
+    raise CheckpointError(
+      f'{where}: truncated: its tensors need {end} bytes of data but the file holds'
+      f' {len(data) - 8 - size}'
+    )
+  return header
+
+
+def read(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """``(tensors, metadata)`` of any safetensors file, every dtype included (bf16)."""
+  import safetensors
+
+  path = Path(path)
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    raise CheckpointError(f'{path}: cannot read: {e.strerror or e}') from None
+  header = _header(data, path)
+  meta = header.get('__metadata__') or {}
+  try:
+    views = safetensors.deserialize(data)
+  except Exception as e:  # the Rust reader raises its own SafetensorError
+    raise CheckpointError(f'{path}: not a valid safetensors file: {e}') from None
+  tensors = {}
+  for name, view in sorted(views):
+    dtype = _SAFETENSORS_DTYPES.get(view['dtype'])
+    if dtype is None:
+      raise CheckpointError(
+        f'{path}: tensor {name!r} has unsupported dtype {view["dtype"]}'
+      )
+    tensors[name] = np.frombuffer(view['data'], dtype=dtype).reshape(tuple(view['shape']))
+  return tensors, meta
+
+
+def load(path: PathLike) -> Any:
+  """Loads a tree saved by :func:`save`, bit for bit."""
+  path = Path(path)
+  return from_tensors(path, *read(path))
+
+
+def from_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> Any:
+  spec = check_metadata(meta, path)
+  verify(meta, tensors, path)
+  return unflatten(spec, tensors, path)
+
+
+def nest(
+  tensors: dict[str, Any], where: PathLike = '<tensors>', sep: str = '.'
+) -> dict[str, Any]:
+  """Nested dicts from flat names split on ``sep`` (``encoder.layer.0.weight``)."""
+  root: dict[str, Any] = {}
+  owner: dict[int, str] = {}  # id of each inner dict -> the name that made it
+  for name in sorted(tensors):
+    *parents, last = name.split(sep)
+    node = root
+    for i, part in enumerate(parents):
+      child = node.setdefault(part, {})
+      if not isinstance(child, dict):
+        raise CheckpointError(
+          f'{where}: tensor names {sep.join(parents[: i + 1])!r}'
+          f' and {name!r} clash: one is a prefix of the other'
+        )
+      owner.setdefault(id(child), name)
+      node = child
+    if last in node:
+      other = owner.get(id(node[last]), name)
+      raise CheckpointError(
+        f'{where}: tensor names {name!r} and {other!r} clash: one'
+        ' is a prefix of the other'
+      )
+    node[last] = tensors[name]
+  return root
+
+
+def read_float(path: Path) -> Any:
+  """A float tree from any safetensors file; a pqjax checkpoint loads as saved."""
+  tensors, meta = read(path)
+  if meta.get('format') == FORMAT:
+    return from_tensors(path, tensors, meta)
+  return nest(tensors, path)
+
+
+def claims(path: Path) -> bool:
+  return path.suffix == '.safetensors'

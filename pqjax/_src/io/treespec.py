@@ -1,0 +1,321 @@
+"""A tree as JSON metadata plus named tensors: what every checkpoint format stores.
+
+A quantized tree is saved as plain tensors plus JSON metadata that rebuilds it
+exactly. Each array leaf is one tensor named by its path (``encoder/0/bias``); each
+:class:`QArray` is four: ``<path>.codes``, ``.scale``, ``.alpha`` and ``.table``. The
+metadata records the format name, a format version, the tree (dicts, lists, tuples,
+None) with every leaf's shape and dtype and every QArray's bits, and a SHA-256 over
+the metadata and the tensor bytes, so corruption anywhere is caught on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from pqjax._src.core import grid
+from pqjax._src.core.leaves import is_array, path_str
+from pqjax._src.core.qarray import DATA_FIELDS, QArray
+
+FORMAT = 'pqjax'
+FORMAT_VERSION = 1
+
+PathLike = str | os.PathLike
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read: missing, truncated, corrupted or foreign."""
+
+
+# --- dtypes ------------------------------------------------------------------------
+
+
+def dtype_name(dtype: Any) -> str:
+  """The name a dtype is recorded under (``float32``, ``bfloat16``...)."""
+  return np.dtype(dtype).name
+
+
+def parse_dtype(name: Any) -> np.dtype:
+  """The dtype recorded as ``name``; NumPy's own names and ml_dtypes' (bfloat16)."""
+  if not isinstance(name, str):
+    raise ValueError(f'dtype name must be a string, got {name!r}')
+  extra = getattr(ml_dtypes, name, None)
+  if isinstance(extra, type) and issubclass(extra, np.generic):
+    return np.dtype(extra)
+  try:
+    dtype = np.dtype(name)
+  except TypeError as e:
+    raise ValueError(f'unknown dtype {name!r}') from e
+  if dtype.kind not in 'biufc':
+    raise ValueError(f'unsupported dtype {name!r}')
+  return dtype
+
+
+# --- tree <-> (spec, tensors) -------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Flat:
+  """Tensors collected while walking a tree, by unique name."""
+
+  tensors: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def add(self, name: str, x: Any) -> dict[str, Any]:
+    """Registers ``x`` and returns its reference; empty arrays are not stored."""
+    ref = {'shape': [int(d) for d in x.shape], 'dtype': dtype_name(x.dtype)}
+    if not int(np.prod(x.shape)):
+      return {'name': None, **ref}
+    unique, n = name, 1
+    # '__metadata__' is the safetensors header's own key.
+    while unique in self.tensors or unique == '__metadata__':
+      unique, n = f'{name}~{n}', n + 1
+    self.tensors[unique] = x
+    return {'name': unique, **ref}
+
+
+def _check_key(key: Any, path: tuple[Any, ...]) -> None:
+  if isinstance(key, bool) or not isinstance(key, (str, int)):
+    raise TypeError(
+      f'{path_str(path)}: dict keys must be str or int to be saved, got {key!r}'
+    )
+
+
+def _is_frozen_dict(node: Any) -> bool:
+  # Without importing flax: a FrozenDict exists only if flax is loaded already.
+  module = sys.modules.get('flax.core.frozen_dict')
+  return module is not None and type(node) is module.FrozenDict
+
+
+def _encode(node: Any, path: tuple[Any, ...], flat: _Flat) -> dict[str, Any]:
+  if node is None:
+    return {'type': 'none'}
+  if isinstance(node, QArray):
+    fields = {f: flat.add(f'{path_str(path)}.{f}', getattr(node, f)) for f in DATA_FIELDS}
+    return {
+      'type': 'qarray',
+      'bits': node.bits,
+      'shape': list(node.shape),
+      'dtype': dtype_name(node.dtype),
+      'fields': fields,
+    }
+  if type(node) is dict or _is_frozen_dict(node):
+    keys = list(node.keys())
+    for k in keys:
+      _check_key(k, path)
+    return {
+      'type': 'dict' if type(node) is dict else 'frozendict',
+      'keys': keys,
+      'values': [_encode(node[k], (*path, jax.tree_util.DictKey(k)), flat) for k in keys],
+    }
+  if type(node) in (list, tuple):
+    return {
+      'type': type(node).__name__,
+      'values': [
+        _encode(v, (*path, jax.tree_util.SequenceKey(i)), flat)
+        for i, v in enumerate(node)
+      ],
+    }
+  if is_array(node):
+    if np.dtype(node.dtype).kind not in 'biufcV':
+      raise TypeError(f'{path_str(path)}: arrays of dtype {node.dtype} cannot be saved')
+    return {'type': 'array', **flat.add(path_str(path), node)}
+  raise TypeError(
+    f'{path_str(path)}: cannot save a {type(node).__module__}.{type(node).__name__};'
+    ' checkpoints hold trees of dicts, lists, tuples, None, arrays and QArray'
+  )
+
+
+def flatten(tree: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``(spec, tensors)``: the JSON description of ``tree`` and its arrays by name."""
+  flat = _Flat()
+  return _encode(tree, (), flat), flat.tensors
+
+
+def as_jax(x: np.ndarray) -> Any:
+  # A dtype JAX would narrow (int64 without x64) stays a NumPy array.
+  if jax.dtypes.canonicalize_dtype(x.dtype) == x.dtype:
+    return jnp.asarray(x)
+  return np.array(x)
+
+
+def _tensor(ref: dict[str, Any], tensors: dict[str, Any], used: set[str]) -> Any:
+  dtype = parse_dtype(ref['dtype'])
+  shape = tuple(int(d) for d in ref['shape'])
+  if any(d < 0 for d in shape):
+    raise ValueError(f'negative dimension in shape {shape}')
+  if ref['name'] is None:
+    if np.prod(shape):
+      raise ValueError(f'a non-empty {shape} array has no tensor')
+    return np.zeros(shape, dtype)
+  name = ref['name']
+  if name not in tensors:
+    raise ValueError(f'tensor {name!r} is missing')
+  if name in used:
+    raise ValueError(f'tensor {name!r} is used twice')
+  used.add(name)
+  x = tensors[name]
+  if np.dtype(x.dtype) != dtype or tuple(x.shape) != shape:
+    raise ValueError(
+      f'tensor {name!r} is {dtype_name(x.dtype)} {tuple(x.shape)}, the'
+      ' metadata says'
+      f' {dtype.name} {shape}'
+    )
+  return x
+
+
+def _decode(
+  spec: dict[str, Any],
+  tensors: dict[str, Any],
+  used: set[str],
+  convert: Callable[[Any], Any],
+) -> Any:
+  kind = spec['type']
+  if kind == 'none':
+    return None
+  if kind in ('dict', 'frozendict'):
+    keys, values = spec['keys'], spec['values']
+    if len(keys) != len(values):
+      raise ValueError('a dict has as many keys as values')
+    node = {k: _decode(v, tensors, used, convert) for k, v in zip(keys, values)}
+    if kind == 'frozendict':
+      from flax.core import FrozenDict
+
+      return FrozenDict(node)
+    return node
+  if kind in ('list', 'tuple'):
+    items = [_decode(v, tensors, used, convert) for v in spec['values']]
+    return items if kind == 'list' else tuple(items)
+  if kind == 'array':
+    return convert(_tensor(spec, tensors, used))
+  if kind == 'qarray':
+    bits = spec['bits']
+    if type(bits) is not int or not grid.MIN_BITS <= bits <= grid.MAX_BITS:
+      raise ValueError(f'bad bits {bits!r}')
+    fields = {f: convert(_tensor(spec['fields'][f], tensors, used)) for f in DATA_FIELDS}
+    return QArray(
+      **fields,
+      bits=bits,
+      shape=tuple(int(d) for d in spec['shape']),
+      dtype=parse_dtype(spec['dtype']),
+    )
+  raise ValueError(f'unknown node type {kind!r}')
+
+
+def unflatten(
+  spec: dict[str, Any],
+  tensors: dict[str, Any],
+  where: Path,
+  convert: Callable[[Any], Any] = as_jax,
+) -> Any:
+  """Rebuilds the tree that :func:`flatten` described; checks every tensor is used.
+
+  ``convert`` turns each stored array into the leaf (default: a JAX array).
+  """
+  used: set[str] = set()
+  try:
+    tree = _decode(spec, tensors, used, convert)
+  except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+    raise CheckpointError(f'{where}: malformed pqjax metadata: {e}') from None
+  extra = sorted(set(tensors) - used)
+  if extra:
+    raise CheckpointError(
+      f'{where}: holds tensors its metadata does not describe: {extra[:5]}'
+    )
+  return tree
+
+
+# --- metadata ----------------------------------------------------------------------
+
+
+def _bytes_of(x: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+
+
+def checksum(meta: dict[str, str], tensors: dict[str, np.ndarray]) -> str:
+  """SHA-256 of the metadata (less this checksum) and each tensor's name, type, bytes."""
+  fields = {k: v for k, v in meta.items() if k != 'sha256'}
+  h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+  for name in sorted(tensors):
+    x = tensors[name]
+    h.update(f'\0{name}\0{dtype_name(x.dtype)}\0{list(x.shape)}\0'.encode())
+    h.update(_bytes_of(x).data)
+  return h.hexdigest()
+
+
+def metadata(tree_json: str, tensors: dict[str, np.ndarray]) -> dict[str, str]:
+  from pqjax import __version__
+
+  meta = {
+    'format': FORMAT,
+    'format_version': str(FORMAT_VERSION),
+    'pqjax_version': __version__,
+    'tree': tree_json,
+  }
+  return {**meta, 'sha256': checksum(meta, tensors)}
+
+
+def check_metadata(meta: Any, where: Path) -> dict[str, Any]:
+  """The tree spec of pqjax metadata, after checking format and version."""
+  if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+    raise CheckpointError(
+      f'{where}: not a pqjax checkpoint (no "format": "{FORMAT}" in its metadata)'
+    )
+  version = meta.get('format_version')
+  if version != str(FORMAT_VERSION):
+    newer = isinstance(version, str) and version.isdigit() and int(version) > 1
+    raise CheckpointError(
+      f'{where}: pqjax checkpoint format version {version!r} is not supported; this'
+      f' pqjax reads version {FORMAT_VERSION}'
+      + (' (the file was written by a newer pqjax)' if newer else '')
+    )
+  try:
+    spec = json.loads(meta['tree'])
+  except (KeyError, TypeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f'{where}: malformed pqjax metadata: {e}') from None
+  if not isinstance(spec, dict):
+    raise CheckpointError(f'{where}: malformed pqjax metadata: the tree is not an object')
+  return spec
+
+
+def verify(meta: dict[str, Any], tensors: dict[str, np.ndarray], where: Path) -> None:
+  if meta.get('sha256') != checksum(meta, tensors):
+    raise CheckpointError(
+      f'{where}: corrupted: the data does not match the checksum in its metadata'
+    )
+
+
+def walk_refs(spec: Any, out: dict[str, Any]) -> None:
+  """Collects ``{name: ref}`` of every stored tensor of a tree spec."""
+  for ref in _refs(spec):
+    if ref.get('name') is not None:
+      out[ref['name']] = ref
+
+
+def _refs(spec: Any) -> Iterator[dict[str, Any]]:
+  if not isinstance(spec, dict):
+    return
+  kind = spec.get('type')
+  if kind == 'array':
+    yield spec
+  elif kind == 'qarray':
+    for f in DATA_FIELDS:
+      yield spec.get('fields', {}).get(f, {})
+  else:
+    for v in spec.get('values', []):
+      yield from _refs(v)
+
+
+def host(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
+  # Not np.ascontiguousarray: it turns 0-d arrays into 1-d ones.
+  return {k: np.require(np.asarray(v), requirements='C') for k, v in tensors.items()}

@@ -1,0 +1,134 @@
+"""The options of ``quantize``: one frozen dataclass, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import numpy as np
+
+from pqjax._src.core.blocks import Granularity, check_granularity
+from pqjax._src.core.grid import Grid, check_bits, check_grid
+from pqjax._src.core.leaves import Filter
+from pqjax._src.search.config import SearchConfig
+
+# "layer": searched per leaf; "global": one for the whole tree.
+ExponentMode = Literal['layer', 'global']
+ClipMode = Literal['layer', 'block', 'fixed']
+ScaleDtype = Literal['auto'] | type[np.floating] | np.dtype | str
+
+
+def _as_float(x: object) -> float | None:
+  """``x`` as a float if it is a real number (not a bool), else None."""
+  if isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool):
+    return float(x)
+  return None
+
+
+def check_exponent(exponent: object) -> ExponentMode | float:
+  if exponent == 'layer' or exponent == 'global':
+    return 'layer' if exponent == 'layer' else 'global'
+  value = _as_float(exponent)
+  if value is not None and math.isfinite(value) and value > 0:
+    return value
+  raise ValueError(
+    f'exponent must be "layer", "global" or a positive float, got {exponent!r}'
+  )
+
+
+def check_clip(clip: object) -> tuple[ClipMode, float]:
+  """``(mode, ratio)``: mode ``"layer"``, ``"block"`` or ``"fixed"``."""
+  if clip is True or clip == 'layer':
+    return 'layer', 1.0
+  if clip == 'block':
+    return 'block', 1.0
+  if clip is False or clip is None:
+    return 'fixed', 1.0
+  value = _as_float(clip)
+  if value is not None and math.isfinite(value) and 0 < value <= 1:
+    return 'fixed', value
+  raise ValueError(
+    f'clip must be True, False, "layer", "block" or a ratio in (0, 1], got {clip!r}'
+  )
+
+
+def check_scale_dtype(scale_dtype: object) -> np.dtype | None:
+  """``None`` (automatic), float32 or float16."""
+  if scale_dtype is None or (isinstance(scale_dtype, str) and scale_dtype == 'auto'):
+    return None
+  try:
+    dt = np.dtype(scale_dtype)  # type: ignore[call-overload]
+  except TypeError:
+    dt = None
+  if dt not in (np.dtype(np.float32), np.dtype(np.float16)):
+    raise ValueError(
+      f'scale_dtype must be "auto", float32 or float16, got {scale_dtype!r}'
+    )
+  return dt
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizeOptions:
+  """How :func:`pqjax.quantize` quantizes a tree; every field is checked on creation.
+
+  ``quantize(params, bits, **options)`` builds one of these, so a bad option raises
+  before any work is done.
+  """
+
+  # Code width, 2 to 8.
+  bits: int = 4
+  # "channel": a scale per output feature (the last axis); "tensor": one per leaf;
+  # an int G: one per G consecutive rows of one column (the last block may be shorter).
+  granularity: Granularity = 'channel'
+  # "layer": searched per leaf; "global": one exponent for the tree, minimising the
+  # summed error; a positive float: that exponent everywhere.
+  exponent: ExponentMode | float = 'layer'
+  # "full": all 2**bits codes, nearest level; "symmetric": the paper's grid.
+  grid: Grid = 'full'
+  # True or "layer": one clip ratio per leaf, searched with the exponent; "block":
+  # then each block picks the best of a few ratios; False: absmax scales; a float in
+  # (0, 1]: that ratio.
+  clip: bool | Literal['layer', 'block'] | float = True
+  # Storage of block scales: "auto" (float16 for groups where every scale is a
+  # normal float16), float32 or float16.
+  scale_dtype: Any = 'auto'
+  # ``filter(path, leaf) -> bool`` picks the leaves; default: float leaves, ndim >= 2.
+  filter: Filter | None = None
+  # Ranges and resolution of the search.
+  search_config: SearchConfig = dataclasses.field(default_factory=SearchConfig)
+  # A tqdm bar on stderr; None: for trees of 50M weights or more on a terminal.
+  progress: bool | None = None
+
+  def __post_init__(self) -> None:
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    set_('bits', check_bits(self.bits))
+    set_('granularity', check_granularity(self.granularity))
+    set_('exponent', check_exponent(self.exponent))
+    set_('grid', check_grid(self.grid))
+    check_clip(self.clip)
+    check_scale_dtype(self.scale_dtype)
+    if self.filter is not None and not callable(self.filter):
+      raise TypeError(
+        f'filter must be a function (path, leaf) -> bool, got {self.filter!r}'
+      )
+    if self.search_config is None:
+      set_('search_config', SearchConfig())
+    elif not isinstance(self.search_config, SearchConfig):
+      raise TypeError(
+        f'search_config must be a pqjax.SearchConfig, got {self.search_config!r}'
+      )
+
+  @property
+  def clip_mode(self) -> ClipMode:
+    return check_clip(self.clip)[0]
+
+  @property
+  def clip_ratio(self) -> float:
+    """The fixed ratio, or the starting one of a search."""
+    return check_clip(self.clip)[1]
+
+  @property
+  def stored_scale_dtype(self) -> np.dtype | None:
+    """float32 or float16 as asked; None: chosen per leaf."""
+    return check_scale_dtype(self.scale_dtype)

@@ -1,0 +1,404 @@
+"""``quantize``: data-free power quantization of a parameter pytree, in named stages.
+
+select -> group -> statistics -> search -> encode -> assemble:
+
+1. select the leaves to quantize (the filter);
+2. group them by scale-block shape and sharding, so each group is one batched pass;
+3. one pass over each group's weights gives block scales and binned statistics;
+4. the exponent and clip ratio of every layer are searched at once on the statistics
+   (then exactly, for small layers);
+5. one more pass per group encodes and packs the codes;
+6. the codes, scales, exponents and tables are assembled into :class:`QArray` leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pqjax._src import encoding, sharding
+from pqjax._src.core import grid
+from pqjax._src.core.blocks import Blocks, blocks_for
+from pqjax._src.core.leaves import default_filter, is_float_array, path_str
+from pqjax._src.core.qarray import QArray
+from pqjax._src.options import QuantizeOptions
+from pqjax._src.search import fit, stats
+from pqjax._src.search.config import Plan, SearchConfig
+
+PROGRESS_MIN_WEIGHTS = 50_000_000
+
+# Float16 keeps 11 significant bits, plenty for a scale, over its normal range.
+FP16_TINY = float(np.finfo(np.float16).tiny)
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+class Leaf(NamedTuple):
+  """A selected leaf: its position among the flattened leaves, its path and value."""
+
+  position: int
+  path: str
+  value: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """Leaves quantized together: the same scale blocks and the same sharding."""
+
+  blocks: Blocks
+  layout: sharding.Layout | None
+  leaves: tuple[Leaf, ...]
+
+  @property
+  def values(self) -> tuple[Any, ...]:
+    return tuple(leaf.value for leaf in self.leaves)
+
+  @property
+  def weights(self) -> int:
+    return self.blocks.k * self.blocks.n * len(self.leaves)
+
+
+class GroupStats(NamedTuple):
+  """One pass over a group: finiteness ``(L,)``, absmax ``(L, nk, 1, ncol)``, stats."""
+
+  finite: jax.Array
+  absmax: jax.Array
+  stats: jax.Array
+
+
+class Encoded(NamedTuple):
+  """A group's packed codes and stored scales, per layer; ``half``: float16 scales."""
+
+  codes: list[jax.Array]
+  scales: list[jax.Array]
+  half: np.ndarray
+
+
+# --- 1. select ----------------------------------------------------------------------
+
+
+def select(flat: Sequence[tuple[Any, Any]], options: QuantizeOptions) -> list[Leaf]:
+  """The leaves to quantize, in tree order; TypeError for a non-float forced in."""
+  chosen = []
+  for i, (path, leaf) in enumerate(flat):
+    name = path_str(path)
+    if options.filter is None:
+      if not default_filter(name, leaf):
+        continue
+    elif not options.filter(name, leaf):
+      continue
+    elif not is_float_array(leaf):
+      kind = getattr(leaf, 'dtype', type(leaf).__name__)
+      raise TypeError(f'{name}: only floating arrays can be quantized, got {kind}')
+    chosen.append(Leaf(i, name, leaf))
+  return chosen
+
+
+# --- 2. group -----------------------------------------------------------------------
+
+
+def group(leaves: Sequence[Leaf], options: QuantizeOptions) -> list[Group]:
+  """Leaves batched by block shape and by sharding, in order of first appearance."""
+  groups: dict[tuple[Blocks, sharding.Layout | None], list[Leaf]] = {}
+  for leaf in leaves:
+    b = blocks_for(tuple(leaf.value.shape), options.granularity)
+    layout = sharding.layout_of(leaf.path, leaf.value)
+    if layout is not None:
+      sharding.check(leaf.path, layout, b, options.bits, options.clip_mode == 'block')
+    groups.setdefault((b, layout), []).append(leaf)
+  return [Group(b, layout, tuple(m)) for (b, layout), m in groups.items()]
+
+
+# --- 3. statistics ------------------------------------------------------------------
+
+
+def statistics(
+  groups: Sequence[Group], config: SearchConfig, bar: Any
+) -> list[GroupStats]:
+  """Block scales and binned statistics of every group; ValueError on NaN or Inf."""
+  out = []
+  for g in groups:
+    if g.layout is None:
+      s = stats.group_stats(g.values, bins=config.bins, **dataclasses.asdict(g.blocks))
+    else:
+      s = sharding.group_stats(
+        g.values, layout=g.layout, bins=config.bins, **dataclasses.asdict(g.blocks)
+      )
+    out.append(GroupStats(*s))
+    _advance(bar, out[-1], g.weights)
+  for g, s in zip(groups, out):
+    for ok, leaf in zip(np.asarray(s.finite), g.leaves):
+      if not ok:
+        raise ValueError(
+          f'{leaf.path}: leaf of shape {tuple(leaf.value.shape)} holds NaN or Inf'
+        )
+  return out
+
+
+# --- 4. search ----------------------------------------------------------------------
+
+
+def plan_of(options: QuantizeOptions) -> Plan:
+  return Plan(
+    search_alpha=options.exponent in ('layer', 'global'),
+    search_clip=options.clip_mode != 'fixed',
+    shared=options.exponent == 'global',
+  )
+
+
+def search(
+  groups: Sequence[Group], group_stats: Sequence[GroupStats], options: QuantizeOptions
+) -> tuple[jax.Array, jax.Array]:
+  """Exponent and clip ratio of every layer, ``(L,)`` each, groups in order."""
+  n = sum(len(g.leaves) for g in groups)
+  config = options.search_config
+  plan = plan_of(options)
+  fixed = options.exponent if isinstance(options.exponent, float) else 1.0
+  alphas = jnp.full((n,), fixed, jnp.float32)
+  clips = jnp.full((n,), options.clip_ratio, jnp.float32)
+  if not n or not (plan.search_alpha or plan.search_clip):
+    return alphas, clips
+  # The search runs on one device, from the statistics of every shard: its result
+  # is the same as for unsharded leaves, bit for bit.
+  alphas, clips = fit.search_stats(
+    jnp.concatenate([sharding.gather(s.stats) for s in group_stats]),
+    alphas,
+    clips,
+    bits=options.bits,
+    grid=options.grid,
+    plan=plan,
+    config=config,
+  )
+  return _refine(alphas, clips, groups, plan, options)
+
+
+def _refine(
+  alphas: jax.Array,
+  clips: jax.Array,
+  groups: Sequence[Group],
+  plan: Plan,
+  options: QuantizeOptions,
+) -> tuple[jax.Array, jax.Array]:
+  """Exact refinement of the small layers (all of them, if the exponent is shared)."""
+  config = options.search_config
+  sizes = [g.blocks.k * g.blocks.n for g in groups]
+  if plan.shared:
+    total = sum(g.weights for g in groups)
+    small = list(range(len(groups))) if fit.needs_refine(total, config) else []
+  else:
+    small = [i for i, s in enumerate(sizes) if fit.needs_refine(s, config)]
+  if not small:
+    return alphas, clips
+  # A small sharded layer is gathered, on one device.
+  values = [
+    sharding.gather(groups[i].values)
+    if groups[i].layout is not None
+    else groups[i].values
+    for i in small
+  ]
+  offsets = np.cumsum([0] + [len(g.leaves) for g in groups])
+  index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in small])
+  a, c = fit.refine_layers(
+    tuple(values),
+    alphas[index],
+    clips[index],
+    views=tuple(dataclasses.astuple(groups[i].blocks) for i in small),
+    bits=options.bits,
+    grid=options.grid,
+    plan=plan,
+    config=config,
+  )
+  return alphas.at[index].set(a), clips.at[index].set(c)
+
+
+# --- 5. encode ----------------------------------------------------------------------
+
+
+def _fp16_fits(absmax: np.ndarray, low: float) -> bool:
+  """Whether every nonzero scale, down to ``low`` times the absmax, is a normal fp16."""
+  nonzero = absmax[absmax > 0]
+  return nonzero.size == 0 or (
+    nonzero.min() * low >= FP16_TINY and nonzero.max() <= FP16_MAX
+  )
+
+
+def half_scales(
+  g: Group, s: GroupStats, clips: jax.Array, options: QuantizeOptions
+) -> np.ndarray:
+  """Which layers of ``g`` store float16 scales ``(L,)``; ValueError if asked, unfit."""
+  asked = options.stored_scale_dtype
+  if asked is None and isinstance(options.granularity, str):
+    return np.zeros(len(g.leaves), bool)
+  low = options.search_config.clip_lo if options.clip_mode == 'block' else 1.0
+  host = np.asarray(s.absmax).reshape(len(g.leaves), -1) * np.asarray(clips)[:, None]
+  half = np.array([_fp16_fits(x, low) for x in host])
+  if asked == np.dtype(np.float16) and not half.all():
+    path = g.leaves[int(np.argmin(half))].path
+    raise ValueError(
+      f'{path}: block scales fall outside the float16 range; use scale_dtype=float32'
+    )
+  if asked == np.dtype(np.float32):
+    half[:] = False
+  return half
+
+
+def encode(
+  groups: Sequence[Group],
+  group_stats: Sequence[GroupStats],
+  alphas: jax.Array,
+  clips: jax.Array,
+  options: QuantizeOptions,
+  bar: Any,
+) -> list[Encoded]:
+  """Each group's packed codes and stored scales."""
+  out = []
+  offset = 0
+  for g, s in zip(groups, group_stats):
+    n = len(g.leaves)
+    a, c = alphas[offset : offset + n], clips[offset : offset + n]
+    offset += n
+    half = half_scales(g, s, c, options)
+    kwargs = dict(
+      k=g.blocks.k,
+      n=g.blocks.n,
+      nk=g.blocks.nk,
+      bits=options.bits,
+      grid=options.grid,
+      block_clip=options.clip_mode == 'block',
+      config=options.search_config,
+    )
+    if g.layout is None:
+      codes, scales = encoding.encode_layers(
+        g.values, a, c, s.absmax, jnp.asarray(half), **kwargs
+      )
+    else:
+      codes, scales = sharding.encode_layers(
+        g.values, a, c, s.absmax, jnp.asarray(half), layout=g.layout, **kwargs
+      )
+    _advance(bar, codes, g.weights)
+    out.append(Encoded(codes, scales, half))
+  return out
+
+
+# --- 6. assemble --------------------------------------------------------------------
+
+
+def assemble(
+  flat: Sequence[tuple[Any, Any]],
+  treedef: Any,
+  groups: Sequence[Group],
+  encoded: Sequence[Encoded],
+  alphas: jax.Array,
+  options: QuantizeOptions,
+) -> tuple[Any, Any]:
+  """``(params_q, alphas)`` trees: each selected leaf replaced by its QArray."""
+  # Exponents and tables of sharded leaves are replicated on their mesh.
+  placement = sharding.common_sharding([g.layout for g in groups])
+  host_alphas = np.asarray(alphas)
+  out = [leaf for _, leaf in flat]
+  alpha_out: list[float | None] = [None] * len(flat)
+  offset = 0
+  for g, e in zip(groups, encoded):
+    where = None if g.layout is None else placement
+    for j, leaf in enumerate(g.leaves):
+      alpha = host_alphas[offset + j]
+      scale = e.scales[j].astype(jnp.float16) if e.half[j] else e.scales[j]
+      table = grid.decode_table(alpha, options.bits, options.grid)
+      out[leaf.position] = QArray(
+        codes=e.codes[j],
+        scale=scale,
+        alpha=sharding.place(jnp.float32(alpha), where),
+        table=sharding.place(jnp.asarray(table), where),
+        bits=options.bits,
+        shape=tuple(leaf.value.shape),
+        dtype=np.dtype(leaf.value.dtype),
+      )
+      alpha_out[leaf.position] = float(alpha)
+    offset += len(g.leaves)
+  return (
+    jax.tree_util.tree_unflatten(treedef, out),
+    jax.tree_util.tree_unflatten(treedef, alpha_out),
+  )
+
+
+# --- progress -----------------------------------------------------------------------
+
+
+def _progress_bar(total: int, progress: bool | None) -> Any:
+  if progress is None:
+    progress = total >= 2 * PROGRESS_MIN_WEIGHTS and sys.stderr.isatty()
+  if not progress:
+    return None
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, desc='pqjax.quantize', unit='w', unit_scale=True, leave=False)
+
+
+def _advance(bar: Any, result: Any, weights: int) -> None:
+  # Dispatch is asynchronous: wait for the group so the bar shows work done.
+  if bar is not None:
+    jax.block_until_ready(result)
+    bar.update(weights)
+
+
+# --- the public function ------------------------------------------------------------
+
+
+def quantize(params: Any, bits: int = 4, **options: Any) -> tuple[Any, Any]:
+  """Quantizes the selected leaves of ``params`` with the power map.
+
+  Args:
+    params: any pytree of arrays (Flax variables, ``nnx.State``, plain dicts...).
+    bits: code width, 2 to 8.
+    **options: the fields of :class:`QuantizeOptions`:
+
+      - ``granularity``: ``"channel"`` (one scale per output feature, the last
+        axis), ``"tensor"`` (one scale per leaf) or an int ``G`` (one scale per
+        ``G`` consecutive rows of one column; when ``G`` does not divide K the last
+        block of each column is shorter).
+      - ``exponent``: ``"layer"`` (searched per leaf), ``"global"`` (one exponent
+        for the whole tree, minimising the summed error) or a fixed float (``1.0``
+        with ``grid="symmetric"`` and ``clip=False`` is uniform round-to-nearest).
+      - ``grid``: ``"full"`` (all ``2 ** bits`` codes: levels ``(k / d) ** (1 / a)``
+        on each side, one more on the negative side, each weight taking its
+        nearest level) or ``"symmetric"`` (the paper's ``2 ** bits - 1`` levels,
+        rounding in the power domain).
+      - ``clip``: the block scale is ``c`` times the block's absmax. ``True`` (or
+        ``"layer"``): one ratio per leaf, searched jointly with the exponent;
+        ``"block"``: then each block picks the best of a few ratios around it;
+        ``False``: ``c = 1``, the paper's absmax scale; a float: that ratio.
+      - ``scale_dtype``: storage of the block scales: ``"auto"`` (float16 for
+        groups, whose scales cost ``16 / G`` bits a weight, where every scale is a
+        normal float16; float32 otherwise), ``float32`` or ``float16``.
+      - ``filter``: ``filter(path, leaf) -> bool`` picks the leaves to quantize;
+        ``path`` is the ``/``-joined key path. Default: floating leaves with
+        ndim >= 2.
+      - ``search_config``: a :class:`SearchConfig` (exponents in [0.05, 2.0], clip
+        ratios in [0.3, 1] by default).
+      - ``progress``: a tqdm progress bar on stderr. Default: for trees of 50M
+        weights or more, when stderr is a terminal.
+
+  Returns:
+    ``(params_q, alphas)``: ``params`` with each selected leaf replaced by a
+    :class:`QArray`, and a tree of the same structure holding each quantized leaf's
+    exponent (a float) and None elsewhere.
+
+  Raises:
+    ValueError: an option is invalid, or a selected leaf holds NaN or Inf.
+    TypeError: the filter forces a non-float leaf in, or an option has a wrong type.
+  """
+  opts = QuantizeOptions(bits=bits, **options)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  groups = group(select(flat, opts), opts)
+  bar = _progress_bar(2 * sum(g.weights for g in groups), opts.progress)
+  group_stats = statistics(groups, opts.search_config, bar)
+  alphas, clips = search(groups, group_stats, opts)
+  encoded = encode(groups, group_stats, alphas, clips, opts, bar)
+  if bar is not None:
+    bar.close()
+  return assemble(flat, treedef, groups, encoded, alphas, opts)

@@ -1,0 +1,1 @@
+"""Running models on quantized parameters: ``wrap``, activation quantization."""

@@ -1,0 +1,1 @@
+"""The exponent and clip search: binned statistics, the objective, the optimiser."""

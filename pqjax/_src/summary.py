@@ -1,0 +1,227 @@
+"""Sizes and errors of quantized trees, and a per-leaf summary table."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pqjax._src.core.blocks import matrix_shape
+from pqjax._src.core.leaves import is_array, is_float_array, path_str
+from pqjax._src.core.qarray import QArray, is_qarray
+
+
+def leaf_nbytes(x: Any) -> int:
+  """Bytes a leaf really occupies (a QArray: its codes, scales and exponent)."""
+  if isinstance(x, QArray):
+    return x.nbytes
+  if is_array(x):
+    return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+  return 0
+
+
+def nbytes(tree: Any) -> int:
+  """Bytes held by the arrays of ``tree``, quantized leaves at their packed size."""
+  return sum(leaf_nbytes(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_qarray))
+
+
+def relative_error(params: Any, params_q: Any) -> float:
+  """``sum ||W - W_hat||^2 / sum ||W||^2`` over the quantized leaves."""
+  pairs = [
+    (w, q)
+    for w, q in zip(
+      jax.tree_util.tree_leaves(params),
+      jax.tree_util.tree_leaves(params_q, is_leaf=is_qarray),
+    )
+    if isinstance(q, QArray)
+  ]
+  if not pairs:
+    return 0.0
+  num = sum(
+    float(
+      jnp.sum(
+        jnp.square(jnp.asarray(w, jnp.float32) - q.dequantize().astype(jnp.float32))
+      )
+    )
+    for w, q in pairs
+  )
+  den = sum(float(jnp.sum(jnp.square(jnp.asarray(w, jnp.float32)))) for w, _ in pairs)
+  return num / den if den else 0.0
+
+
+# --- summary table -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LeafSummary:
+  """One quantized leaf: where it is, how it is stored, and what it costs."""
+
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  bits: int
+  grid: str
+  exponent: float
+  blocks: tuple[int, int]
+  bytes_before: int
+  bytes_after: int
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+  @property
+  def bits_per_weight(self) -> float:
+    """Stored bits per weight: codes, scales, the exponent and the table."""
+    return 8 * self.bytes_after / max(self.size, 1)
+
+  @property
+  def granularity(self) -> str:
+    """``tensor``, ``channel`` or ``group G``, read back from the scale blocks."""
+    nk, ncol = self.blocks
+    if nk > 1:
+      k = matrix_shape(self.shape)[0]
+      return f'group {-(-k // nk)}'
+    # With a single column, per-tensor and per-channel scales are the same thing.
+    return 'tensor' if ncol == 1 else 'channel'
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Summary:
+  """Per-leaf sizes of a quantized tree and its totals; ``str()`` gives a table."""
+
+  leaves: tuple[LeafSummary, ...]
+  float_leaves: int
+  float_bytes: int
+  other_leaves: int
+  other_bytes: int
+
+  @property
+  def quantized_before(self) -> int:
+    return sum(x.bytes_before for x in self.leaves)
+
+  @property
+  def quantized_after(self) -> int:
+    return sum(x.bytes_after for x in self.leaves)
+
+  @property
+  def bits_per_weight(self) -> float:
+    """Stored bits per quantized weight, everything counted."""
+    weights = sum(x.size for x in self.leaves)
+    return 8 * self.quantized_after / weights if weights else 0.0
+
+  @property
+  def total_before(self) -> int:
+    """Bytes of the tree with every quantized leaf back at its original dtype."""
+    return self.quantized_before + self.float_bytes + self.other_bytes
+
+  @property
+  def total_after(self) -> int:
+    """Bytes of the tree as it is: equal to :func:`nbytes`."""
+    return self.quantized_after + self.float_bytes + self.other_bytes
+
+  @property
+  def ratio(self) -> float:
+    """How many times smaller the tree is than before quantization."""
+    return self.total_before / self.total_after if self.total_after else 1.0
+
+  def format(self) -> str:
+    """A text table: one row per quantized leaf, then the totals."""
+    header = (
+      'path',
+      'shape',
+      'dtype',
+      'bits',
+      'grid',
+      'exponent',
+      'scales',
+      'bytes before',
+      'bytes after',
+      'bits/weight',
+    )
+    rows = [
+      (
+        x.path,
+        'x'.join(map(str, x.shape)) or '()',
+        x.dtype,
+        str(x.bits),
+        x.grid,
+        f'{x.exponent:.4f}',
+        _blocks_text(x),
+        f'{x.bytes_before:,}',
+        f'{x.bytes_after:,}',
+        f'{x.bits_per_weight:.3f}',
+      )
+      for x in self.leaves
+    ]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    right = {3, 5, 7, 8, 9}
+
+    def line(cells: tuple[str, ...]) -> str:
+      return '  '.join(
+        c.rjust(w) if i in right else c.ljust(w)
+        for i, (c, w) in enumerate(zip(cells, widths))
+      ).rstrip()
+
+    out = [line(header), line(tuple('-' * w for w in widths))]
+    out += [line(r) for r in rows]
+    if rows:
+      out.append('')
+    out += [
+      f'quantized leaves: {len(self.leaves)}, {self.quantized_before:,} -> '
+      f'{self.quantized_after:,} bytes ({self.bits_per_weight:.3f} bits/weight)',
+      f'float leaves kept: {self.float_leaves}, {self.float_bytes:,} bytes',
+      f'other leaves kept: {self.other_leaves}, {self.other_bytes:,} bytes',
+      f'total: {self.total_before:,} -> {self.total_after:,} bytes'
+      f' ({self.total_before / 1e6:.2f} MB -> {self.total_after / 1e6:.2f} MB,'
+      f' {self.ratio:.2f}x smaller)',
+    ]
+    return '\n'.join(out)
+
+  def __str__(self) -> str:
+    return self.format()
+
+
+def _blocks_text(x: LeafSummary) -> str:
+  nk, ncol = x.blocks
+  return f'{nk * ncol} ({x.granularity})'
+
+
+def _leaf_summary(path: str, q: QArray) -> LeafSummary:
+  itemsize = np.dtype(q.dtype).itemsize
+  nk, ncol = q.scale.shape
+  return LeafSummary(
+    path=path,
+    shape=tuple(q.shape),
+    dtype=np.dtype(q.dtype).name,
+    bits=q.bits,
+    grid=q.grid,
+    exponent=float(np.asarray(q.alpha)),
+    blocks=(int(nk), int(ncol)),
+    bytes_before=q.size * itemsize,
+    bytes_after=q.nbytes,
+  )
+
+
+def summary(tree: Any) -> Summary:
+  """Summarises a quantized tree: each QArray's storage, and the kept leaves' bytes."""
+  leaves, float_leaves, float_bytes, other_leaves, other_bytes = [], 0, 0, 0, 0
+  for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_qarray):
+    if isinstance(x, QArray):
+      leaves.append(_leaf_summary(path_str(path), x))
+    elif is_float_array(x):
+      float_leaves += 1
+      float_bytes += leaf_nbytes(x)
+    elif is_array(x):
+      other_leaves += 1
+      other_bytes += leaf_nbytes(x)
+  return Summary(
+    leaves=tuple(leaves),
+    float_leaves=float_leaves,
+    float_bytes=float_bytes,
+    other_leaves=other_leaves,
+    other_bytes=other_bytes,
+  )

@@ -1,0 +1,294 @@
+"""Command line: ``pqjax quantize``, ``info``, ``report`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_ERROR = 1
+EXIT_EXISTS = 2
+DEFAULT_REPORT_DIR = 'pqjax-report'
+
+
+def _granularity(text: str) -> str | int:
+  return int(text) if text.isdigit() else text
+
+
+def _exponent(text: str) -> str | float:
+  if text in ('layer', 'global'):
+    return text
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f'must be "layer", "global" or a number, got {text!r}'
+    ) from None
+
+
+def _clip(text: str) -> bool | str | float:
+  named: dict[str, bool | str] = {
+    'layer': True,
+    'on': True,
+    'block': 'block',
+    'off': False,
+  }
+  if text in named:
+    return named[text]
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f'must be "layer", "block", "off" or a ratio, got {text!r}'
+    ) from None
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+  try:
+    bits = tuple(int(b) for b in text.split(','))
+  except ValueError:
+    bits = ()
+  if not bits or not all(2 <= b <= 8 for b in bits):
+    raise argparse.ArgumentTypeError(
+      f'must be comma-separated bit widths in 2..8, got {text!r}'
+    )
+  return bits
+
+
+def disk_bytes(path: str | os.PathLike) -> int:
+  """Bytes a checkpoint takes on disk (a directory: all its files)."""
+  p = Path(path)
+  if p.is_file():
+    return p.stat().st_size
+  return sum(f.stat().st_size for f in p.rglob('*') if f.is_file())
+
+
+def _error(message: str, code: int = EXIT_ERROR) -> int:
+  print(f'pqjax: error: {message}', file=sys.stderr)
+  return code
+
+
+def _demo(args: argparse.Namespace) -> int:
+  from pqjax.tools import demo, report
+
+  report.require_extras()
+  result = demo.run(
+    bits=args.bits,
+    granularity=args.granularity,
+    sentences=args.sentences,
+    out=args.out,
+    report_sentences=args.report_sentences,
+  )
+  print(demo.format_report(result))
+  return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+  from pqjax.tools import report
+
+  report.require_extras()
+  if args.checkpoint is None:
+    result = report.minilm_report(
+      bits=args.bits,
+      granularity=args.granularity,
+      sentences=args.sentences,
+      fidelity_bits=args.fidelity_bits,
+    )
+  else:
+    result = report.checkpoint_report(
+      args.checkpoint, float_path=args.float, fidelity_bits=args.fidelity_bits
+    )
+  page = report.write(result, args.out)
+  report.print_table(result)
+  print(f'wrote {page} and its plots')
+  return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+  import jax
+
+  import pqjax
+
+  out = args.output
+  fmt = args.format or ('safetensors' if out.endswith('.safetensors') else 'orbax')
+  if os.path.lexists(out) and not args.force:
+    return _error(f'{out} exists; pass --force to overwrite it', EXIT_EXISTS)
+  params = pqjax.load_float(args.input)
+  start = time.perf_counter()
+  params_q, _ = pqjax.quantize(
+    params,
+    args.bits,
+    granularity=args.granularity,
+    exponent=args.exponent,
+    grid=args.grid,
+    clip=args.clip,
+  )
+  jax.block_until_ready(params_q)
+  seconds = time.perf_counter() - start
+  pqjax.save(out, params_q, format=fmt, overwrite=args.force)
+  print(pqjax.summary(params_q))
+  print(
+    f'\nquantized in {seconds:.1f} s; wrote {out} ({fmt},'
+    f' {disk_bytes(out):,} bytes on disk)'
+  )
+  return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+  import pqjax
+
+  print(pqjax.summary(pqjax.load(args.checkpoint)))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+    prog='pqjax', description='Data-free power quantization of JAX models.'
+  )
+  sub = parser.add_subparsers(dest='command', required=True)
+
+  p = sub.add_parser(
+    'quantize',
+    help='quantize a float checkpoint and save it',
+    description='Quantizes every floating leaf with two or more axes of a float'
+    ' checkpoint (an Orbax directory, a flax .msgpack file or a .safetensors file,'
+    ' Hugging Face ones included) and saves the quantized tree. Arrays keep their'
+    ' layout: channels are the last axis, so a PyTorch Linear weight (out, in)'
+    ' gets one scale per input feature. Other leaves pass through untouched.',
+  )
+  p.add_argument(
+    'input', help='float checkpoint: Orbax directory, .msgpack or .safetensors'
+  )
+  p.add_argument(
+    'output', help='where to write: a .safetensors file, else an Orbax directory'
+  )
+  p.add_argument('--bits', type=int, default=4, choices=range(2, 9), metavar='{2..8}')
+  p.add_argument(
+    '--granularity',
+    type=_granularity,
+    default='channel',
+    help='"channel", "tensor" or a group size (default: channel)',
+  )
+  p.add_argument(
+    '--exponent',
+    type=_exponent,
+    default='layer',
+    help='"layer", "global" or a fixed exponent (default: layer)',
+  )
+  p.add_argument(
+    '--grid',
+    choices=('full', 'symmetric'),
+    default='full',
+    help='"full" (all 2**bits codes) or "symmetric" (the paper\'s grid) (default: full)',
+  )
+  p.add_argument(
+    '--clip',
+    type=_clip,
+    default=True,
+    help='"layer" (a clip ratio searched per leaf), "block", "off" or a'
+    ' fixed ratio in (0, 1] (default: layer)',
+  )
+  p.add_argument(
+    '--format',
+    choices=('safetensors', 'orbax'),
+    help='output format (default: from the output name)',
+  )
+  p.add_argument('--force', action='store_true', help='overwrite an existing output')
+  p.set_defaults(func=_quantize)
+
+  p = sub.add_parser('info', help='print the summary of a quantized checkpoint')
+  p.add_argument('checkpoint', help='a pqjax .safetensors file or Orbax directory')
+  p.set_defaults(func=_info)
+
+  p = sub.add_parser('demo', help='quantize the bundled MiniLM and print a report')
+  p.add_argument('--bits', type=int, default=4)
+  p.add_argument(
+    '--granularity',
+    type=_granularity,
+    default='channel',
+    help='"channel", "tensor" or a group size',
+  )
+  p.add_argument('--sentences', type=int, default=512)
+  p.add_argument(
+    '--out',
+    default=DEFAULT_REPORT_DIR,
+    help=f'folder for the report and plots (default: {DEFAULT_REPORT_DIR})',
+  )
+  p.add_argument(
+    '--report-sentences',
+    type=int,
+    default=128,
+    help="sentences for the report's fidelity against bits (default: 128)",
+  )
+  p.set_defaults(func=_demo)
+
+  p = sub.add_parser(
+    'report',
+    help='write a report folder (Markdown and PNG plots) on a quantization',
+    description='Writes report.md and PNG plots (error against the exponent,'
+    ' weight histograms with the levels, exponent per layer, fidelity against'
+    ' bits) and prints the per-layer table. With no checkpoint it reports on the'
+    ' bundled MiniLM quantized with the default settings.',
+  )
+  p.add_argument(
+    'checkpoint',
+    nargs='?',
+    help='a pqjax quantized checkpoint (.safetensors or Orbax directory);'
+    ' default: the bundled MiniLM',
+  )
+  p.add_argument(
+    '--float',
+    metavar='PATH',
+    help='the float checkpoint it was quantized from, for errors, error'
+    ' curves and fidelity against bits',
+  )
+  p.add_argument(
+    '--out',
+    default=DEFAULT_REPORT_DIR,
+    help=f'folder to write (default: {DEFAULT_REPORT_DIR})',
+  )
+  p.add_argument(
+    '--bits',
+    type=int,
+    default=4,
+    choices=range(2, 9),
+    metavar='{2..8}',
+    help='MiniLM: bits of the reported quantization (default: 4)',
+  )
+  p.add_argument(
+    '--granularity',
+    type=_granularity,
+    help='MiniLM: "channel", "tensor" or a group size (default: the library\'s)',
+  )
+  p.add_argument(
+    '--sentences',
+    type=int,
+    default=32,
+    help='MiniLM: real sentences for the embedding cosines (default: 32)',
+  )
+  p.add_argument(
+    '--fidelity-bits',
+    type=_bits_list,
+    default=(2, 3, 4, 8),
+    metavar='B,B,...',
+    help='bit widths of the fidelity comparison (default: 2,3,4,8)',
+  )
+  p.set_defaults(func=_report)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.func(args)
+  except (ValueError, TypeError, OSError, ImportError) as e:
+    # CheckpointError is a ValueError; OSError covers missing and unwritable paths;
+    # ImportError a missing optional extra.
+    return _error(str(e))
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,50 @@
+"""The examples run end to end and print sane numbers."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parents[2] / 'examples'
+
+
+def run_example(name: str) -> dict[str, float]:
+  """Runs ``examples/<name>.py``; returns its printed ``label: number`` lines."""
+  done = subprocess.run(
+    [sys.executable, str(EXAMPLES / f'{name}.py')],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=EXAMPLES,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  return {
+    m[1]: float(m[2])
+    for m in re.finditer(r'^(.+?): (-?[\d.]+)$', done.stdout, re.MULTILINE)
+  }
+
+
+def check_comparison(out: dict[str, float], metric: str, floor: float, drop: float):
+  """Float score above ``floor``; the 4-bit model within ``drop`` of it."""
+  full, quant = out[f'float {metric}'], out[f'pqjax 4-bit {metric}']
+  assert floor < full <= 1.0
+  assert full - drop < quant <= 1.0
+  assert 0 < out['max |float - quantized| output'] < 100
+
+
+@pytest.mark.parametrize(
+  'name', ['linen_mlp', 'nnx_model', 'equinox_model', 'cnn_batchnorm']
+)
+def test_digits_example(name):
+  out = run_example(name)
+  # Trained on 1400 digits, tested on the other 397: float accuracy is about 0.99.
+  check_comparison(out, 'accuracy', 0.95, 0.05)
+
+
+@pytest.mark.slow
+def test_hf_bert_example():
+  out = run_example('hf_bert')
+  assert out['float mean [CLS] cosine'] == 1.0
+  check_comparison(out, 'mean [CLS] cosine', 0.99, 0.15)
