@@ -19,19 +19,24 @@ from pqjax._src.core.leaves import is_array, path_str
 class QArray:
   """A weight stored as packed power-domain codes.
 
+  The leaf's last axis is N and the axes after its ``layer_axes`` leading ones
+  form K: each layer is a ``(K, N)`` matrix with its own scales, exponent and table.
+
   Attributes:
-    codes: packed codes along K: ``(packed_rows(K, bits), N)``, uint8 for 2 to 4
-      bits (table indices), int8 for 5 to 8 bits (signed codes).
-    scale: block scales ``(nk, ncol)`` (float32, or float16 for small groups):
-      ``nk`` blocks of ``ceil(K / nk)`` rows (the last may be shorter), ``ncol`` is
-      1 (one scale for all columns) or N (one per column).
-    alpha: float32 scalar, the exponent of the power map.
-    table: float32, the decoded level of each code in order: ``2 ** bits - 1``
-      entries for the paper's symmetric grid, ``2 ** bits`` for the full grid.
-      Decoding is a lookup and a multiply by the block scale, with no ``pow``.
+    codes: packed codes along K: ``(*layers, packed_rows(K, bits), N)``, uint8 for
+      2 to 4 bits (table indices), int8 for 5 to 8 bits (signed codes).
+    scale: block scales ``(*layers, nk, ncol)`` (float32, or float16 for small
+      groups): ``nk`` blocks of ``ceil(K / nk)`` rows (the last may be shorter),
+      ``ncol`` is 1 (one scale for all columns) or N (one per column).
+    alpha: float32 ``(*layers)`` (a scalar without layer axes): the exponent of
+      the power map.
+    table: float32 ``(*layers, levels)``: the decoded level of each code in order,
+      ``2 ** bits - 1`` levels for the paper's symmetric grid, ``2 ** bits`` for
+      the full grid. Decoding is a lookup and a multiply by the block scale.
     bits: code width, 2 to 8.
-    shape: shape of the original leaf.
+    shape: shape of the original leaf, layer axes included.
     dtype: dtype of the original leaf, which decoding gives back.
+    layer_axes: how many leading axes of ``shape`` index stacked layers.
   """
 
   codes: jax.Array
@@ -41,13 +46,19 @@ class QArray:
   bits: int
   shape: tuple[int, ...]
   dtype: np.dtype
+  layer_axes: int = 0
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     # Pytree utilities rebuild nodes with placeholder leaves; validate arrays only.
     if not (is_array(self.codes) and is_array(self.scale)):
       return
-    k, n = matrix_shape(self.shape)
-    want = (packing.packed_rows(k, self.bits), n)
+    layers = self.layers
+    if not 0 <= self.layer_axes <= len(self.shape) - 1 and self.shape:
+      raise ValueError(
+        f'layer_axes {self.layer_axes} leaves no matrix in a leaf of shape {self.shape}'
+      )
+    k, n = self.matrix_shape
+    want = (*layers, packing.packed_rows(k, self.bits), n)
     if tuple(self.codes.shape) != want:
       raise ValueError(
         f'codes shape {tuple(self.codes.shape)} does not match {want} for a leaf of'
@@ -58,16 +69,15 @@ class QArray:
         f'codes dtype {self.codes.dtype} is not {packing.packed_dtype(self.bits)} at'
         f' {self.bits} bits'
       )
-    if len(self.scale.shape) != 2:
-      raise ValueError(f'scale must be 2-D (nk, ncol), got {tuple(self.scale.shape)}')
-    nk, ncol = self.scale.shape
+    scale = tuple(self.scale.shape)
+    if len(scale) != len(layers) + 2 or scale[: len(layers)] != layers:
+      raise ValueError(f'scale must be {(*layers, "nk", "ncol")}, got {scale}')
+    nk, ncol = scale[-2:]
     if nk < 1 or nk > max(k, 1) or -(-k // -(-k // nk)) != nk or ncol not in (1, n):
-      raise ValueError(
-        f'scale shape {tuple(self.scale.shape)} does not tile a ({k}, {n}) matrix'
-      )
-    if is_array(self.alpha) and tuple(self.alpha.shape) != ():
-      raise ValueError(f'alpha must be a scalar, got shape {tuple(self.alpha.shape)}')
-    sizes = [(num_levels(self.bits, g),) for g in GRIDS]
+      raise ValueError(f'scale shape {scale} does not tile a ({k}, {n}) matrix')
+    if is_array(self.alpha) and tuple(self.alpha.shape) != layers:
+      raise ValueError(f'alpha must have shape {layers}, got {tuple(self.alpha.shape)}')
+    sizes = [(*layers, num_levels(self.bits, g)) for g in GRIDS]
     if is_array(self.table) and tuple(self.table.shape) not in sizes:
       raise ValueError(
         f'table shape {tuple(self.table.shape)} is not one of {sizes} at {self.bits} bits'
@@ -82,6 +92,11 @@ class QArray:
     return math.prod(self.shape)
 
   @property
+  def layers(self) -> tuple[int, ...]:
+    """The stacked-layer axes, ``shape[:layer_axes]``; ``()`` for a single matrix."""
+    return tuple(self.shape[: self.layer_axes])
+
+  @property
   def nbytes(self) -> int:
     """Bytes held by the codes, scales, exponent and decoding table."""
     return sum(
@@ -91,19 +106,18 @@ class QArray:
 
   @property
   def matrix_shape(self) -> tuple[int, int]:
-    """The ``(K, N)`` view the codes and scales are laid out on."""
-    return matrix_shape(self.shape)
+    """The ``(K, N)`` view of one layer, on which codes and scales are laid out."""
+    return matrix_shape(tuple(self.shape[self.layer_axes :]))
 
   @property
   def block_rows(self) -> int:
     """Rows of K that share one scale (the last block may have fewer)."""
-    k = matrix_shape(self.shape)[0]
-    return -(-k // self.scale.shape[0])
+    return -(-self.matrix_shape[0] // self.scale.shape[-2])
 
   @property
   def grid(self) -> str:
     """``"symmetric"`` (the paper's ``2 ** bits - 1`` levels) or ``"full"``."""
-    return 'full' if self.table.shape[0] == 2**self.bits else 'symmetric'
+    return 'full' if self.table.shape[-1] == 2**self.bits else 'symmetric'
 
   @property
   def bits_per_weight(self) -> float:
@@ -112,16 +126,24 @@ class QArray:
 
   def dequantize(self) -> jax.Array:
     """Decodes to an array of the original shape and dtype."""
-    k, _ = matrix_shape(self.shape)
-    w = packing.decode_packed(
-      self.codes, self.scale[:, None, :], self.table, self.bits, k
-    )
+    k, n = self.matrix_shape
+    count = math.prod(self.layers)
+
+    def one(codes: jax.Array, scale: jax.Array, table: jax.Array) -> jax.Array:
+      return packing.decode_packed(codes, scale[:, None, :], table, self.bits, k)
+
+    if not self.layer_axes:
+      w = one(self.codes, self.scale, self.table)
+    else:
+      flat = lambda x: x.reshape(count, *x.shape[self.layer_axes :])
+      w = jax.vmap(one)(flat(self.codes), flat(self.scale), flat(self.table))
     return w.reshape(self.shape).astype(self.dtype)
 
   def __repr__(self) -> str:
+    layers = f', layer_axes={self.layer_axes}' if self.layer_axes else ''
     return (
       f'QArray(shape={self.shape}, dtype={np.dtype(self.dtype).name},'
-      f' bits={self.bits}, blocks={tuple(self.scale.shape)})'
+      f' bits={self.bits}, blocks={tuple(self.scale.shape)}{layers})'
     )
 
 
@@ -129,7 +151,9 @@ class QArray:
 DATA_FIELDS = ('codes', 'scale', 'alpha', 'table')
 
 jax.tree_util.register_dataclass(
-  QArray, data_fields=list(DATA_FIELDS), meta_fields=['bits', 'shape', 'dtype']
+  QArray,
+  data_fields=list(DATA_FIELDS),
+  meta_fields=['bits', 'shape', 'dtype', 'layer_axes'],
 )
 
 
