@@ -35,7 +35,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import pqjax
-from pqjax import corpus, minilm
+from pqjax import minilm
+from pqjax.tools import corpus
 
 SEED = 0
 EPOCHS = 20

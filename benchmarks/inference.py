@@ -30,8 +30,9 @@ import numpy as np
 from common import publish
 
 import pqjax
-from pqjax import corpus, minilm, power
+from pqjax import minilm, power
 from pqjax.qarray import QArray, is_qarray, matrix_shape
+from pqjax.tools import corpus
 
 SHAPES = ((32, 128, 15), (1, 16, 100))  # batch, tokens, timed runs
 ALLOCATORS = (

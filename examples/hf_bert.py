@@ -9,7 +9,8 @@ from _digits import compare
 from transformers import AutoTokenizer, FlaxBertModel
 
 import pqjax
-from pqjax import corpus, minilm
+from pqjax import minilm
+from pqjax.tools import corpus
 
 
 def main() -> None:

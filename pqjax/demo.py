@@ -10,10 +10,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from pqjax import corpus, minilm, report, sizes
+from pqjax import minilm, report, sizes
 from pqjax.apply import wrap
 from pqjax.qarray import QArray, is_qarray
 from pqjax.quantize import quantize
+from pqjax.tools import corpus
 from pqjax.tree import path_str
 
 

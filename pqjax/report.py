@@ -303,8 +303,9 @@ def minilm_report(bits: int = 4, granularity: Any = None, sentences: int = 32,
                   model: Any = None, fidelity_bits: Sequence[int] = BITS,
                   points: int = GRID_POINTS) -> Report:
   """A report on the bundled MiniLM quantized with pqjax's defaults at ``bits``."""
-  from pqjax import corpus, minilm
+  from pqjax import minilm
   from pqjax.apply import wrap
+  from pqjax.tools import corpus
 
   model = model or minilm.load()
   options = {} if granularity is None else {'granularity': granularity}

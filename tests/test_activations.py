@@ -254,7 +254,8 @@ def test_bad_options_raise(options, message):
 
 @pytest.mark.slow
 def test_minilm_w8a8_embeddings():
-  from pqjax import corpus, minilm
+  from pqjax import minilm
+  from pqjax.tools import corpus
 
   model = minilm.load()
   text = minilm.tokenize(model.tokenizer, corpus.stdlib_sentences(64))

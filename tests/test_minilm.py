@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import pqjax
-from pqjax import corpus, minilm, sizes
+from pqjax import minilm, sizes
+from pqjax.tools import corpus
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,1 @@
+"""Tools built on pqjax: real sentences for fidelity checks."""
