@@ -14,7 +14,15 @@ against fp32 on real sentences, for:
   blocks of the same layout and float32 scales (4 bits only),
 - qwix (optional: ``pip install qwix``) int4 and nf4 on the same FlaxBertModel,
   per channel and with tiles of 128 and 64 (4 bits only; qwix quantizes the inputs
-  of matrix products, so the embedding tables stay fp32).
+  of matrix products, so the embedding tables stay fp32),
+- the strongest data-free formats, as NumPy references (``references.py``, blocks
+  along K): Q4_K-, Q3_K- and Q2_K-like k-quants (super-blocks of 256 rows), fitted
+  with llama.cpp's weights and unweighted, and HQQ-like groups of 64 at 4, 3 and 2
+  bits. Each runs when its bit width is asked; ``--methods`` picks them by name, so
+  these rows alone cost a few minutes:
+
+    python benchmarks/accuracy.py --bits 4 3 2 --no-qwix --name accuracy_references \\
+        --methods Q4_K-like Q3_K-like Q2_K-like HQQ-like
 
 Run:
 
@@ -26,6 +34,7 @@ Prints one table and writes benchmarks/results/accuracy.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import time
@@ -36,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from common import publish
+from references import hqq, q2_k, q3_k, q4_k
 
 import pqjax
 from pqjax.tools import corpus, minilm
@@ -81,6 +91,22 @@ OTHER_BITS = (
 # Groups of 36 rows with float16 scales stay under 4.5 bits per weight (at most
 # 11 scales for 384 rows), the budget of NF4 with float32 scales per 64.
 EXTRA_4BIT = {36: ('full grid + clip (default)', 'full grid + block clip')}
+# (bits, layout, name, variant, NumPy quantizer of a (K, N) matrix -> (decoded,
+# bits/weight)). Layout 256/32: super-blocks of 256 rows, sub-blocks of 32. The
+# k-quants fit with llama.cpp's weights of the squared error, and without weights,
+# which gives MiniLM lower errors.
+_UNWEIGHTED = {'weights': 'ones'}
+REFERENCES = (
+  (4, '256/32', 'Q4_K-like', "llama.cpp's weights", q4_k),
+  (4, '256/32', 'Q4_K-like', 'unweighted', functools.partial(q4_k, **_UNWEIGHTED)),
+  (3, '256/16', 'Q3_K-like', "llama.cpp's weights", q3_k),
+  (3, '256/16', 'Q3_K-like', 'unweighted', functools.partial(q3_k, **_UNWEIGHTED)),
+  (2, '256/16', 'Q2_K-like', "llama.cpp's weights", q2_k),
+  (2, '256/16', 'Q2_K-like', 'unweighted', functools.partial(q2_k, **_UNWEIGHTED)),
+  (4, 64, 'HQQ-like', 'l_p zero, fp16 scale and zero', hqq),
+  (3, 64, 'HQQ-like', 'l_p zero, fp16 scale and zero', functools.partial(hqq, bits=3)),
+  (2, 64, 'HQQ-like', 'l_p zero, fp16 scale and zero', functools.partial(hqq, bits=2)),
+)
 
 
 def _granularity(text: str) -> str | int:
@@ -120,6 +146,26 @@ def nf4(params: Any, granularity: str | int) -> tuple[Any, float]:
     lambda x: _nf4_leaf(x, granularity) if x.ndim >= 2 else x, params
   )
   return out, 4 + 32 * scales / weights
+
+
+def reference_params(
+  params: Any, quantizer: Callable[[np.ndarray], tuple[np.ndarray, float]]
+) -> tuple[Any, float]:
+  """Every >= 2-D leaf through a NumPy reference as (K, N); its bits per weight."""
+  bits = weights = 0.0
+
+  def one(x):
+    nonlocal bits, weights
+    if x.ndim < 2:
+      return x
+    w = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+    decoded, bpw = quantizer(w)
+    bits += bpw * w.size
+    weights += w.size
+    return jnp.asarray(decoded.reshape(x.shape), x.dtype)
+
+  out = jax.tree_util.tree_map(one, params)
+  return out, bits / weights
 
 
 def qwix_params(
@@ -244,6 +290,20 @@ def main() -> None:
           minilm.embed_all(embed, params_nf4, text),
           seconds,
         )
+  for bits, layout, name, variant, quantizer in REFERENCES:
+    if bits in args.bits and (not args.methods or name in args.methods):
+      start = time.perf_counter()
+      params_ref, bpw = reference_params(model.params, quantizer)
+      seconds = time.perf_counter() - start
+      record(
+        bits,
+        layout,
+        f'{name} (NumPy reference, {variant})',
+        float_error(model.params, params_ref),
+        bpw,
+        minilm.embed_all(embed, params_ref, text),
+        seconds,
+      )
   if 4 in args.bits and not args.no_qwix:
     try:
       import qwix  # noqa: F401
@@ -279,7 +339,9 @@ def main() -> None:
     f'Every >= 2-D leaf quantized (37 kernels and embedding tables, 22.7M weights),'
     f' except where said. Relative error = ||W - W_hat||^2 / ||W||^2 summed over'
     f' those leaves. Bits per weight count codes, scales, exponents and tables'
-    f' (pqjax groups store float16 scales). Cosine: mean-pooled embeddings of'
+    f' (pqjax groups store float16 scales). The k-quant and HQQ rows are the NumPy'
+    f' references of benchmarks/references.py (blocks along K; float16 super-block'
+    f' numbers, zeros and scales). Cosine: mean-pooled embeddings of'
     f' {args.sentences} first paragraphs of Python standard-library docstrings,'
     f' against fp32. Seconds: quantization time in this run (compilation included'
     f' the first time a shape is seen).',
@@ -287,10 +349,6 @@ def main() -> None:
     '| bits | granularity | method | relative error | bits / weight | mean cosine |'
     ' min cosine | seconds |',
     '|---|---|---|---|---|---|---|---|',
-  ]
-  lines += [
-    f'| {b} | {g} | {m} | {e:.5f} | {bpw:.3f} | {mc:.4f} | {mn:.4f} | {t:.2f} |'
-    for b, g, m, e, bpw, mc, mn, t in rows
   ]
   publish(args.name, lines)
 

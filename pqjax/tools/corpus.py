@@ -1,61 +1,46 @@
-"""Real English text with no download: first paragraphs of standard-library docstrings."""
+"""Real English text with no download: first paragraphs of standard-library docstrings.
+
+The sentences are stored in ``data/stdlib_sentences.txt``, written once by
+``scripts/make_corpus.py`` in a clean interpreter, so every call in every process
+returns the same list whatever was imported before.
+"""
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import re
+import functools
+from importlib import resources
 
-_MODULES = (
-  'abc argparse array ast asyncio base64 bisect calendar collections concurrent.futures'
-  ' configparser contextlib copy csv dataclasses datetime decimal difflib email enum'
-  ' filecmp fnmatch fractions ftplib functools gettext glob gzip hashlib heapq hmac'
-  ' html http.client imaplib inspect io ipaddress itertools json logging lzma mailbox'
-  ' mimetypes numbers operator optparse os pathlib pickle pkgutil platform plistlib'
-  ' poplib pprint queue random re sched secrets selectors shelve shlex shutil signal'
-  ' smtplib socket socketserver sqlite3 statistics string struct subprocess tarfile'
-  ' tempfile textwrap threading timeit tokenize trace traceback turtle typing unittest'
-  ' urllib.parse urllib.request uuid warnings weakref xml.dom.minidom zipfile zlib'
-).split()
+_FILE = 'stdlib_sentences.txt'
 
 
-def _first_paragraph(doc: str) -> str:
-  para = inspect.cleandoc(doc).split('\n\n')[0]
-  return re.sub(r'\s+', ' ', para).strip()
-
-
-def _usable(text: str) -> bool:
-  # Keep prose: long enough to be a sentence, not a signature or a code example.
-  return (
-    40 <= len(text) <= 400
-    and text[0].isupper()
-    and ' ' in text
-    and '>>>' not in text
-    and not re.match(r'^[\w.]+\(', text)
+@functools.cache
+def _stored() -> tuple[str, ...]:
+  text = (
+    resources.files('pqjax.tools').joinpath('data', _FILE).read_text(encoding='utf-8')
   )
+  # Lines starting with '#' are the header; a sentence never starts with one.
+  return tuple(line for line in text.split('\n') if line and not line.startswith('#'))
+
+
+def available() -> int:
+  """How many sentences are stored (the largest ``n`` of ``stdlib_sentences``)."""
+  return len(_stored())
 
 
 def stdlib_sentences(n: int = 512) -> list[str]:
-  """``n`` distinct docstring paragraphs, in a fixed order, from the standard library."""
-  seen: dict[str, None] = {}
-  for modname in _MODULES:
-    try:
-      module = importlib.import_module(modname)
-    except ImportError:  # a module missing from a minimal Python build
-      continue
-    objs = [module] + [
-      getattr(module, name) for name in sorted(vars(module)) if not name.startswith('_')
-    ]
-    for obj in objs:
-      if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj)):
-        continue
-      doc = getattr(obj, '__doc__', None)
-      if isinstance(doc, str):
-        text = _first_paragraph(doc)
-        if _usable(text):
-          seen.setdefault(text)
-      if len(seen) >= n:
-        return list(seen)
-  if len(seen) < n:
-    raise RuntimeError(f'found only {len(seen)} docstring paragraphs, {n} asked')
-  return list(seen)
+  """The first ``n`` stored docstring paragraphs: distinct, non-empty, fixed order.
+
+  Args:
+    n: how many sentences, 1 to ``available()``.
+
+  Returns:
+    A new list of ``n`` one-line sentences, the same in every call and process.
+  """
+  if isinstance(n, bool) or not isinstance(n, int):
+    raise TypeError(f'n must be an int, got {type(n).__name__}')
+  stored = _stored()
+  if not 1 <= n <= len(stored):
+    raise ValueError(
+      f'n must be between 1 and {len(stored)} (the stored sentences), got {n}'
+    )
+  return list(stored[:n])
