@@ -1,0 +1,1 @@
+"""Run time: decoding at use and kernels."""
