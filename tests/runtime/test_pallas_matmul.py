@@ -23,11 +23,13 @@ INTERPRET = (
   jax.default_backend() != 'gpu' or os.environ.get('PQJAX_PALLAS_INTERPRET', '0') != '0'
 )
 
-# |kernel - reference| <= TOL * (|x| @ |W|) elementwise: a bound on the rounding of
-# the decoded weights and of the output to the activation dtype (float32 products run
-# at IEEE precision here, see `run`).
+# |kernel - reference| <= TOL * (|x| @ |W|) elementwise. float32 (IEEE products, see
+# `run`): K float32 roundings of a sum, K * 2 ** -24 = 1.5e-5 for K = 254, whatever
+# order a GPU adds in. bfloat16 / float16: the decoded weights and the output each
+# rounded once to the activation dtype, 2 * 2 ** -9 / 2 * 2 ** -11. A misplaced code
+# or scale row costs about 1 / K = 4e-3 of the bound's scale, far above these.
 TOL = {
-  np.dtype(np.float32): 2e-6,
+  np.dtype(np.float32): 2e-5,
   np.dtype(jnp.bfloat16): 1e-2,
   np.dtype(np.float16): 2e-3,
 }
@@ -271,7 +273,7 @@ def test_quantized_leaf(bits: int, granularity: object) -> None:
   x = np.random.default_rng(4).normal(size=(3, 200)).astype(np.float32)
   got = run(x, q.codes, q.scale, q.table, bits, 200)
   bound = np.abs(x.astype(np.float64)) @ np.abs(ref)
-  assert np.all(np.abs(got - x.astype(np.float64) @ ref) <= 2e-6 * bound + 1e-30)
+  assert np.all(np.abs(got - x.astype(np.float64) @ ref) <= 2e-5 * bound + 1e-30)
 
 
 def test_choose_tiling() -> None:

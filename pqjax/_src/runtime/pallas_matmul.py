@@ -468,8 +468,8 @@ def _kernel(
     mask = _and(unit_ok, col_mask)
     if nbytes == 1:
       return (_load(codes_ref.at[pl.ds(t * nu, nu), :], mask),)
-    rows = [((t * nu + iota_u) * nbytes + b)[:, None] for b in range(nbytes)]
-    return tuple(_load(codes_ref.at[r, cols[None, :]], mask) for r in rows)
+    planes = [((t * nu + iota_u) * nbytes + b)[:, None] for b in range(nbytes)]
+    return tuple(_load(codes_ref.at[r, cols[None, :]], mask) for r in planes)
 
   def word_of(planes: tuple[jax.Array, ...]) -> jax.Array:
     """The units as int32 words (sign-extended for int8 codes)."""
