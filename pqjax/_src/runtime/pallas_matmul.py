@@ -164,7 +164,7 @@ def unsupported_reason(
   bits: int,
   *,
   table_size: int | None = None,
-  dtype: object = None,
+  dtype: Any = None,
   backend: str | None = None,
 ) -> str | None:
   """Why :func:`packed_matmul` cannot run a product, or None if it can.
@@ -202,7 +202,7 @@ def supported(
   bits: int,
   *,
   table_size: int | None = None,
-  dtype: object = None,
+  dtype: Any = None,
   backend: str | None = None,
 ) -> bool:
   """Whether :func:`packed_matmul` compiles for this product (see
@@ -332,7 +332,7 @@ def choose_tiling(
 
   rows = -(-k // nk)
   if nk == 1:
-    scale_mode = 'end'
+    scale_mode: ScaleMode = 'end'
   else:
     if rows % block_k and not explicit_k:
       # Lowered only as far as a tile of 16 units: tinier tiles cost more in loop
@@ -473,7 +473,7 @@ def _kernel(
 
   def word_of(planes: tuple[jax.Array, ...]) -> jax.Array:
     """The units as int32 words (sign-extended for int8 codes)."""
-    word = None
+    word: Any = None
     for b, plane in enumerate(planes):
       plane = plane.astype(jnp.int32)
       word = plane if word is None else word | (plane << (8 * b))
@@ -532,7 +532,7 @@ def _kernel(
   ) -> jax.Array:
     word = word_of(load_units(t, tail) if planes is None else planes)
     tiled = t_.scale_mode == 'tile'
-    s_tile = scale_row(lax.div(t * t_.block_k, p.group_rows)) if tiled else None
+    s_tile: Any = scale_row(lax.div(t * t_.block_k, p.group_rows)) if tiled else None
     # Scale the partial product or the decoded tile, whichever has fewer elements.
     scale_w = s_tile is not None and not gemv and t_.block_m >= t_.block_k
     scale_part = s_tile is not None and not scale_w
@@ -540,7 +540,7 @@ def _kernel(
     # accumulator: Triton folds `acc + dot(a, b)` into the MMA's accumulator and
     # `acc + x * w` into one FFMA (a separate sum costs an add a code).
     part = jnp.zeros_like(acc) if scale_part else acc
-    x_parts = None if gemv else load_x_parts(t, tail)
+    x_parts: Any = None if gemv else load_x_parts(t, tail)
     for j in range(u):
       kcols = t * t_.block_k + u * iota_u + j
       w = lookup(code_index(word, j))
@@ -563,7 +563,8 @@ def _kernel(
   acc = jnp.zeros(shape, jnp.float32)
   full = p.k // t_.block_k
   if t_.split_k == 1:
-    lo, hi = 0, full
+    lo: Any = 0
+    hi: Any = full
   else:
     lo = pid_s * p.tiles_per_split
     hi = jnp.minimum(lo + p.tiles_per_split, full)
@@ -652,7 +653,7 @@ def packed_matmul(
   prefetch: bool | None = None,
   precision: lax.Precision | None = None,
   interpret: bool = False,
-  out_dtype: object = None,
+  out_dtype: Any = None,
 ) -> jax.Array:
   """``x @ W`` where ``W`` is decoded from packed codes inside the kernel's tiles.
 
