@@ -14,8 +14,8 @@ from pqjax._src.io.safetensors import save as save_safetensors
 from pqjax._src.io.treespec import CheckpointError as CheckpointError
 from pqjax._src.options import QuantizeOptions as QuantizeOptions
 from pqjax._src.quantize import quantize as quantize
-from pqjax._src.runtime.activations import Product as Product
-from pqjax._src.runtime.activations import quantized_products as quantized_products
+from pqjax._src.runtime.products import Product as Product
+from pqjax._src.runtime.wrap import quantized_products as quantized_products
 from pqjax._src.runtime.wrap import wrap as wrap
 from pqjax._src.search.config import SearchConfig as SearchConfig
 from pqjax._src.summary import LeafSummary as LeafSummary

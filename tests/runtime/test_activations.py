@@ -224,8 +224,16 @@ def test_weights_are_followed_into_nested_programs():
 
   ids = jnp.array([1, 4, 19, 7])
   y = jax.jit(pqjax.wrap(forward, act_bits=6))(params_q, ids)
-  names = [p.weight for p in pqjax.quantized_products(forward, params_q, ids)]
-  assert names == ['0/a', '0/a', '0/stack']
+  uses = [
+    (p.primitive, p.weight) for p in pqjax.quantized_products(forward, params_q, ids)
+  ]
+  # The table is only gathered (its rows decoded alone); the products take the rest.
+  assert uses == [
+    ('gather', '0/table'),
+    ('dot_general', '0/a'),
+    ('dot_general', '0/a'),
+    ('dot_general', '0/stack'),
+  ]
 
   dq = {k: np.asarray(v, np.float64) for k, v in pqjax.dequantize(params_q).items()}
   a = {k: float(v) for k, v in alphas.items()}
@@ -241,25 +249,28 @@ def test_act_bits_none_is_the_weight_only_wrap(cnn):
   model, x, variables_q = cnn
   want = jax.jit(model.apply)(pqjax.dequantize(variables_q), x)
   for wrapped in (
-    pqjax.wrap(model.apply, act_bits=None),
-    pqjax.wrap(model.apply, act_bits=None, act_granularity='token'),
+    pqjax.wrap(model.apply, act_bits=None, products='decode'),
+    pqjax.wrap(model.apply, act_bits=None, act_granularity='token', products='decode'),
   ):
     np.testing.assert_array_equal(
       np.asarray(jax.jit(wrapped)(variables_q, x)), np.asarray(want)
     )
-    np.testing.assert_array_equal(
-      np.asarray(jax.jit(pqjax.wrap(model.apply))(variables_q, x)), np.asarray(want)
-    )
 
 
-def test_unsupported_nesting_is_a_clear_error():
-  params_q, _ = pqjax.quantize({'w': np.eye(4, dtype=np.float32)}, 8)
+def test_weights_are_followed_into_while_loops():
+  params = {'w': heavy_tailed(jax.random.key(12), (4, 4)) * 0.5}
+  params_q, alphas = pqjax.quantize(params, 8)
 
   def loop(p, x, n):
-    return jax.lax.fori_loop(0, n, lambda i, x: x @ p['w'], x)
+    return jax.lax.fori_loop(0, n, lambda i, x: jnp.tanh(x @ p['w']), x)
 
-  with pytest.raises(ValueError, match=r"\['0/w'\].*'while'"):
-    pqjax.wrap(loop, act_bits=8)(params_q, jnp.ones((2, 4)), jnp.int32(3))
+  x = heavy_tailed(jax.random.key(13), (2, 4))
+  y = jax.jit(pqjax.wrap(loop, act_bits=8))(params_q, x, jnp.int32(3))
+  w = np.asarray(pqjax.dequantize(params_q)['w'], np.float64)
+  want = np.asarray(x, np.float64)
+  for _ in range(3):
+    want = np.tanh(np_fake_quantize(want, float(alphas['w']), 8) @ w)
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -6,62 +6,114 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from pqjax._src.core.qarray import contains_qarray, dequantize
-from pqjax._src.runtime.activations import (
-  ActivationConfig,
-  check_options,
-  quantize_inputs,
-)
+import numpy as np
+
+from pqjax._src.core.leaves import path_str
+from pqjax._src.core.qarray import QArray, contains_qarray, is_qarray
+from pqjax._src.runtime import activations, rewrite
+from pqjax._src.runtime import products as products_lib
+from pqjax._src.runtime.weights import Weight
 
 
-def _decode_arg(x: Any) -> Any:
-  # Containers without a QArray are passed as they are, not rebuilt, so that
-  # objects such as modules or `mutable=` lists keep their identity.
-  return dequantize(x) if contains_qarray(x) else x
+def _weight(q: QArray, path: tuple[Any, ...]) -> Weight:
+  # '<argument index>/params/...' or '<keyword>/...'.
+  return Weight(q=q, path=path_str(path), dtype=np.dtype(q.dtype))
+
+
+def _options(
+  act_bits: Any, act_granularity: Any, act_exponent: Any, products_path: Any
+) -> products_lib.Options:
+  activations.check_granularity(act_granularity)
+  activations.check_exponent(act_exponent)
+  config = None
+  if act_bits is not None:
+    config = activations.ActivationConfig(
+      bits=act_bits, granularity=act_granularity, exponent=act_exponent
+    )
+  return products_lib.Options(
+    path=products_lib.check_path(products_path), activations=config
+  )
 
 
 def wrap(
   apply_fn: Callable[..., Any],
   *,
   act_bits: int | None = None,
-  act_granularity: str = 'tensor',
+  act_granularity: activations.ActGranularity = 'tensor',
   act_exponent: float | None = None,
+  products: products_lib.ProductPath = 'auto',
 ) -> Callable[..., Any]:
   """Returns ``apply_fn`` taking quantized parameters.
 
-  Every :class:`QArray` found in the positional and keyword arguments is decoded to
-  its original shape and dtype, then ``apply_fn`` is called. Everything else
-  (other collections, rngs, ``mutable=``, keyword arguments) passes through. The
-  decoding is traced into ``jax.jit`` with the rest of the function, so XLA fuses it
-  with the consumers of the weights.
+  The returned function has ``apply_fn``'s signature. Every :class:`QArray` found in
+  its positional and keyword arguments stays encoded until it is used: ``apply_fn``
+  is traced, and each use of a quantized weight in its program is computed from the
+  codes (see :mod:`pqjax._src.runtime.rewrite`). A product with few rows reads the
+  packed codes inside the product and never writes the float weight; a larger one
+  decodes the weight just before it; an embedding lookup decodes only the rows it
+  takes; a weight stacked over a ``scan`` is decoded one layer per step. Everything
+  else (other collections, rngs, ``mutable=``, keyword arguments) passes through.
+  It traces and compiles under ``jax.jit``; without quantized arguments it calls
+  ``apply_fn`` as it is.
 
   Args:
     apply_fn: any function of pytrees, e.g. a Flax ``Module.apply``.
-    act_bits: ``None`` (default) quantizes weights only. 2 to 8: the input activation
-      of every matrix product and convolution whose weight is a :class:`QArray` is
-      also power-quantized at this width, with a scale taken from the activation at
-      run time (data-free). This is simulated: the products run in floating point on
-      the decoded values, which gives what an integer power-domain pipeline would
-      compute. See :mod:`pqjax.activations`.
+    act_bits: ``None`` (default) quantizes weights only. 2 to 8: the input
+      activation of every matrix product and convolution whose weight is a
+      :class:`QArray` is also power-quantized at this width, with a scale taken from
+      the activation at run time (data-free). This is simulated (the products run in
+      floating point on the decoded values); its derivative is the straight-through
+      estimator.
     act_granularity: ``"tensor"``, one activation scale per product input; or
       ``"token"``, one per token of a matrix product, per pixel of a convolution.
     act_exponent: the activations' power exponent; ``None`` uses the exponent of the
       weight each activation meets (the paper's choice). ``1.0`` is uniform.
+    products: how products of quantized weights are computed: ``"auto"`` (codes
+      read inside the product for few rows, decode then multiply otherwise),
+      ``"fused"`` (codes read inside the product wherever its form allows),
+      ``"decode"`` (always decode, then multiply) or ``"kernel"`` (the Pallas
+      kernel; interpreted on CPU, for tests). All give the same outputs up to the
+      order of float summation.
+
+  Returns:
+    A function with ``apply_fn``'s signature.
 
   Raises:
-    ValueError: ``act_bits``, ``act_granularity`` or ``act_exponent`` is invalid.
+    ValueError: an activation option or ``products`` is invalid.
   """
-  check_options(act_granularity, act_exponent)
-  if act_bits is not None:
-    config = ActivationConfig(
-      bits=act_bits, granularity=act_granularity, exponent=act_exponent
-    )
-    return quantize_inputs(apply_fn, config)
+  options = _options(act_bits, act_granularity, act_exponent, products)
 
   @functools.wraps(apply_fn)
   def wrapped(*args: Any, **kwargs: Any) -> Any:
-    args = tuple(_decode_arg(a) for a in args)
-    kwargs = {k: _decode_arg(v) for k, v in kwargs.items()}
-    return apply_fn(*args, **kwargs)
+    if not contains_qarray((args, kwargs)):
+      return apply_fn(*args, **kwargs)
+    rewriter = rewrite.Rewriter(options)
+    return rewrite.run(apply_fn, args, kwargs, rewriter, is_qarray, _weight)
 
   return wrapped
+
+
+def quantized_products(
+  apply_fn: Callable[..., Any], *args: Any, **kwargs: Any
+) -> list[products_lib.Product]:
+  """The products of quantized weights in ``apply_fn``, and how each is computed.
+
+  Called with the arguments of ``apply_fn`` (quantized parameters included), under
+  the default options of :func:`wrap`; traces only, computes nothing.
+
+  Args:
+    apply_fn: the function to inspect.
+    *args: its positional arguments.
+    **kwargs: its keyword arguments.
+
+  Returns:
+    One :class:`Product` per use of a quantized weight by a product or a lookup, in
+    program order.
+  """
+  import jax
+
+  rewriter = rewrite.Rewriter(products_lib.Options())
+  jax.eval_shape(
+    lambda: rewrite.run(apply_fn, args, kwargs, rewriter, is_qarray, _weight)
+  )
+  return rewriter.seen

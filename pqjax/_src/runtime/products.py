@@ -1,0 +1,285 @@
+"""How a product (or row lookup) of a quantized weight is computed inside ``wrap``.
+
+- A matrix product whose weight is used as stored (a ``(K, N)`` view contracted over
+  K) with few rows reads the packed codes and decodes them inside the product
+  (:mod:`.small_product` on XLA, :mod:`.pallas_matmul` where a kernel is asked
+  for): no ``(K, N)`` float array is written.
+- Any other product decodes the weight just before it, tied to its activation so
+  XLA cannot decode every weight at the start of the program.
+- A row lookup of an embedding table decodes only the rows it gathers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core
+
+from pqjax._src.core import grid, packing
+from pqjax._src.runtime import activations, pallas_matmul, small_product
+from pqjax._src.runtime.weights import Weight, tied
+
+if TYPE_CHECKING:
+  from pqjax._src.runtime.rewrite import Rewriter
+
+PRODUCTS = frozenset({'dot_general', 'conv_general_dilated'})
+
+# "auto": codes read inside the product for few rows, decode then dot otherwise;
+# "fused": codes read inside the product wherever the product allows it;
+# "decode": always decode then multiply; "kernel": the Pallas kernel wherever the
+# product allows it (interpreted on CPU: for tests).
+ProductPath = Literal['auto', 'fused', 'decode', 'kernel']
+PATHS: tuple[ProductPath, ...] = ('auto', 'fused', 'decode', 'kernel')
+# Backends on which the Pallas kernel has been run and tested; "auto" uses it there.
+KERNEL_BACKENDS: frozenset[str] = frozenset()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options:
+  """How ``wrap`` computes the products of quantized weights.
+
+  Attributes:
+    path: which formulation computes a product (see :data:`ProductPath`).
+    activations: activation quantization of the products' inputs, or None.
+  """
+
+  path: ProductPath = 'auto'
+  activations: activations.ActivationConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Product:
+  """One product of a quantized weight in a wrapped program.
+
+  Attributes:
+    primitive: ``"dot_general"``, ``"conv_general_dilated"`` or ``"gather"``.
+    weight: path of the quantized leaf it consumes, ``<argument index>/...`` for
+      positional arguments and ``<keyword>/...`` for keyword ones.
+    activation_shape: shape of the other operand (the activation, or the indices
+      of a lookup).
+    weight_shape: shape of the weight operand as the product sees it.
+    path: how it is computed: ``"fused"`` (codes read inside the product),
+      ``"kernel"`` (the Pallas kernel), ``"decode"`` (decoded, then the product) or
+      ``"rows"`` (a lookup decoding only the rows it gathers).
+  """
+
+  primitive: str
+  weight: str
+  activation_shape: tuple[int, ...]
+  weight_shape: tuple[int, ...]
+  path: str = 'decode'
+
+
+def _aval(v: Any) -> Any:
+  """The abstract value (shape, dtype) of a jaxpr variable."""
+  return v.aval
+
+
+def check_path(path: object) -> ProductPath:
+  for p in PATHS:
+    if path == p:
+      return p
+  raise ValueError(f'products must be one of {PATHS}, got {path!r}')
+
+
+# --- matrix products ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+  """A dot_general read as ``x2 (M, K) @ W (K, N)`` on the weight's stored view."""
+
+  x_free: tuple[int, ...]  # axes of x kept in the output, in order
+  x_contract: tuple[int, ...]  # axes of x contracted with K, in K's order
+  weight_first: bool  # the weight is the first operand
+
+
+def _stored_view(
+  eqn: core.JaxprEqn, weight: Weight, operand: int, x: Any
+) -> _View | None:
+  """How the product contracts the weight, if it is ``x @ W`` on W's (K, N) view."""
+  if eqn.primitive.name != 'dot_general' or not weight.casts_only or weight.q.layer_axes:
+    return None
+  (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
+  if lb or rb:
+    return None
+  w_contract, x_contract = (lc, rc) if operand == 0 else (rc, lc)
+  ndim = len(weight.q.shape)
+  if ndim < 2 or tuple(w_contract) != tuple(range(ndim - 1)):
+    return None
+  free = tuple(i for i in range(x.ndim) if i not in x_contract)
+  return _View(x_free=free, x_contract=tuple(x_contract), weight_first=operand == 0)
+
+
+def _fused_product(
+  view: _View, x: jax.Array, weight: Weight, out_dtype: Any, kernel: bool
+) -> jax.Array:
+  q = weight.q
+  k, n = q.matrix_shape
+  lead = tuple(x.shape[i] for i in view.x_free)
+  x2 = jnp.transpose(x, (*view.x_free, *view.x_contract)).reshape(math.prod(lead), k)
+  # Tied to the activation, as a decode is: the product cannot start early.
+  scale = tied(q.scale, x2)
+  if kernel:
+    y = pallas_matmul.packed_matmul(
+      x2.astype(jnp.float32) if x2.dtype == jnp.float64 else x2,
+      q.codes,
+      scale,
+      q.table,
+      bits=q.bits,
+      k=k,
+      interpret=jax.default_backend() == 'cpu',
+      out_dtype=jnp.float32,
+    )
+  else:
+    y = small_product.packed_product(
+      x2, q.codes, scale, q.table, bits=q.bits, k=k, dtype=weight.dtype or q.dtype
+    )
+  y = y.reshape(*lead, n).astype(out_dtype)
+  if view.weight_first:
+    y = jnp.moveaxis(y, -1, 0)
+  return y
+
+
+def _choose(options: Options, view: _View | None, rows: int, weight: Weight) -> str:
+  if view is None or options.path == 'decode':
+    return 'decode'
+  if options.path == 'kernel':
+    ok = pallas_matmul.supported(weight.q.bits, table_size=weight.q.table.shape[-1])
+    return 'kernel' if ok else 'decode'
+  if options.path == 'fused':
+    return 'fused'
+  if jax.default_backend() in KERNEL_BACKENDS:
+    return 'kernel'
+  k, n = weight.q.matrix_shape
+  if small_product.prefers_packed_product(rows, bits=weight.q.bits, k=k, n=n):
+    return 'fused'
+  return 'decode'
+
+
+def product(rewriter: Rewriter, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+  """A dot_general or convolution with a quantized weight operand."""
+  from pqjax._src.runtime.rewrite import bind
+
+  weights = [i for i in (0, 1) if isinstance(invals[i], Weight)]
+  if len(weights) == 2:  # two weights: decode both, no activation to quantize
+    return bind(eqn, rewriter.arrays(invals))
+  w_index = weights[0]
+  a_index = 1 - w_index
+  weight: Weight = invals[w_index]
+  options = rewriter.options
+  x = activations.quantize_input(
+    options.activations, eqn, invals[a_index], a_index, weight.alpha
+  )
+  view = _stored_view(eqn, weight, w_index, x)
+  rows = math.prod(x.shape[i] for i in view.x_free) if view is not None else 0
+  how = _choose(options, view, rows, weight)
+  rewriter.seen.append(
+    Product(
+      primitive=eqn.primitive.name,
+      weight=weight.path,
+      activation_shape=tuple(x.shape),
+      weight_shape=tuple(_aval(eqn.invars[w_index]).shape),
+      path=how,
+    )
+  )
+  if how in ('fused', 'kernel'):
+    assert view is not None
+    out_dtype = _aval(eqn.outvars[0]).dtype
+    return [_fused_product(view, x, weight, out_dtype, kernel=how == 'kernel')]
+  ops = list(invals)
+  ops[a_index] = x
+  ops[w_index] = weight.decode(tie=x)
+  return bind(eqn, ops)
+
+
+# --- row lookups --------------------------------------------------------------------
+
+
+def _row_lookup(eqn: core.JaxprEqn, weight: Weight, indices: Any) -> bool:
+  """Whether a gather takes whole rows of a 2-D weight: ``table[ids]``."""
+  q = weight.q
+  if not weight.casts_only or q.layer_axes or len(q.shape) != 2:
+    return False
+  dn = eqn.params['dimension_numbers']
+  return (
+    tuple(dn.collapsed_slice_dims) == (0,)
+    and tuple(dn.start_index_map) == (0,)
+    and not tuple(getattr(dn, 'operand_batching_dims', ()))
+    and tuple(dn.offset_dims) == (indices.ndim - 1,)
+    and tuple(eqn.params['slice_sizes']) == (1, q.shape[1])
+    and indices.shape[-1] == 1
+  )
+
+
+def decode_rows(weight: Weight, rows: jax.Array) -> jax.Array:
+  """Rows ``rows`` (int, in range) of the decoded weight: ``(*rows.shape, N)``.
+
+  The same values as ``weight.decode()[rows]`` bit for bit: each code is found in
+  its packed byte, looked up in the table and multiplied by its block scale.
+  """
+  q = weight.q
+  k, n = q.matrix_shape
+  per_unit, unit_bytes = packing.codes_per_unit(q.bits)
+  unit, j = rows // per_unit, rows % per_unit
+  word = jnp.zeros((*rows.shape, n), jnp.uint32)
+  for b in range(unit_bytes):
+    byte = jnp.take(q.codes, unit * unit_bytes + b, axis=0).astype(jnp.uint32)
+    word = word | (byte << (8 * b))
+  if q.bits in packing.PACKED_BITS:
+    shift = (j * q.bits).astype(jnp.uint32)[..., None]
+    index = ((word >> shift) & ((1 << q.bits) - 1)).astype(jnp.int32)
+  else:
+    signed = jnp.take(q.codes, rows, axis=0).astype(jnp.int32)
+    index = signed + grid.zero_code(q.table.shape[-1])
+  levels = jnp.take(q.table, index, axis=0)
+  nk, ncol = q.scale.shape
+  scale = q.scale.astype(jnp.float32)
+  block = jnp.take(scale, jnp.minimum(rows // q.block_rows, nk - 1), axis=0)
+  w = (levels * (block if ncol > 1 else block[..., :1])).astype(q.dtype)
+  for op in weight.ops:  # dtype conversions only
+    w = op(w)
+  return w
+
+
+def gather(rewriter: Rewriter, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+  """A gather from a quantized weight: rows decoded alone where it takes whole rows."""
+  from pqjax._src.runtime.rewrite import bind
+
+  weight, indices = invals[0], invals[1]
+  if not isinstance(weight, Weight) or isinstance(indices, Weight):
+    return bind(eqn, rewriter.arrays(invals))
+  if not _row_lookup(eqn, weight, indices) or rewriter.options.path == 'decode':
+    rewriter.seen.append(
+      Product(
+        primitive='gather',
+        weight=weight.path,
+        activation_shape=tuple(indices.shape),
+        weight_shape=tuple(weight.q.shape),
+        path='decode',
+      )
+    )
+    return bind(eqn, [weight.decode(tie=indices), indices])
+  rewriter.seen.append(
+    Product(
+      primitive='gather',
+      weight=weight.path,
+      activation_shape=tuple(indices.shape),
+      weight_shape=tuple(weight.q.shape),
+      path='rows',
+    )
+  )
+  ids = indices[..., 0].astype(jnp.int32)
+  size = weight.q.shape[0]
+  valid = (ids >= 0) & (ids < size)
+  out = decode_rows(weight, jnp.clip(ids, 0, size - 1))
+  mode = eqn.params.get('mode')
+  if 'FILL' in str(mode):
+    fill = eqn.params.get('fill_value')
+    fill = jnp.nan if fill is None else fill
+    out = jnp.where(valid[..., None], out, jnp.asarray(fill, out.dtype))
+  return [out]
