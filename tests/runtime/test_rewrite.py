@@ -186,3 +186,14 @@ def test_products_option_is_checked():
   with pytest.raises(ValueError, match='products'):
     pqjax.wrap(lambda p: p, products='fast')
   assert products.check_path('fused') == 'fused'
+
+
+def test_kernel_path_runs_the_pallas_kernel_interpreted_on_cpu():
+  params_q, dq = quantized({'a': (40, 24), 'b': (24, 16)}, bits=4)
+  forward = lambda p, x: jnp.tanh(x @ p['a']) @ p['b']
+  x = jax.random.normal(jax.random.key(2), (3, 40))
+  wrapped = pqjax.wrap(forward, products='kernel')
+  close(jax.jit(wrapped)(params_q, x), forward(dq, x))
+  uses = pqjax.quantized_products(wrapped, params_q, x)
+  assert [u.path for u in uses] == ['kernel', 'kernel']
+  assert [u.path for u in pqjax.quantized_products(forward, params_q, x)] == ['fused'] * 2

@@ -149,7 +149,11 @@ def _choose(options: Options, view: _View | None, rows: int, weight: Weight) -> 
   if view is None or options.path == 'decode':
     return 'decode'
   if options.path == 'kernel':
-    ok = pallas_matmul.supported(weight.q.bits, table_size=weight.q.table.shape[-1])
+    # On CPU the kernel runs interpreted, for tests.
+    backend = 'gpu' if jax.default_backend() == 'cpu' else None
+    ok = pallas_matmul.supported(
+      weight.q.bits, table_size=weight.q.table.shape[-1], backend=backend
+    )
     return 'kernel' if ok else 'decode'
   if options.path == 'fused':
     return 'fused'

@@ -90,7 +90,12 @@ def wrap(
     rewriter = rewrite.Rewriter(options)
     return rewrite.run(apply_fn, args, kwargs, rewriter, is_qarray, _weight)
 
+  setattr(wrapped, _WRAPPED, (apply_fn, options))
   return wrapped
+
+
+# The attribute of a wrapped function holding ``(apply_fn, options)``.
+_WRAPPED = '__pqjax_wrapped__'
 
 
 def quantized_products(
@@ -98,11 +103,12 @@ def quantized_products(
 ) -> list[products_lib.Product]:
   """The products of quantized weights in ``apply_fn``, and how each is computed.
 
-  Called with the arguments of ``apply_fn`` (quantized parameters included), under
-  the default options of :func:`wrap`; traces only, computes nothing.
+  Called with the arguments of ``apply_fn`` (quantized parameters included); traces
+  only, computes nothing.
 
   Args:
-    apply_fn: the function to inspect.
+    apply_fn: the function to inspect: a function returned by :func:`wrap` (its
+      options apply), or any function (:func:`wrap`'s defaults apply).
     *args: its positional arguments.
     **kwargs: its keyword arguments.
 
@@ -112,8 +118,7 @@ def quantized_products(
   """
   import jax
 
-  rewriter = rewrite.Rewriter(products_lib.Options())
-  jax.eval_shape(
-    lambda: rewrite.run(apply_fn, args, kwargs, rewriter, is_qarray, _weight)
-  )
+  fn, options = getattr(apply_fn, _WRAPPED, (apply_fn, products_lib.Options()))
+  rewriter = rewrite.Rewriter(options)
+  jax.eval_shape(lambda: rewrite.run(fn, args, kwargs, rewriter, is_qarray, _weight))
   return rewriter.seen
