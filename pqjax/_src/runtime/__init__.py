@@ -1,0 +1,1 @@
+"""What runs inside the user's jitted program: decoding, products, kernels."""
