@@ -105,6 +105,13 @@ def test_matches_numpy_decoding(bits, grid, nk, ncol):
 
   for x, y in zip(xs, products(xs, codes, scale, table)):
     check_close(y, x, w)
+  # Rows of the identity pick rows of W with no rounding in the sum: the decoded
+  # weights must be the table level times the scale bit for bit (the closed form
+  # in float32 would miss by a few ulps). First and last rows, group boundaries.
+  picks = [[0], [1, 43, 44, 88, K - 1]]
+  onehots = [np.eye(K, dtype=np.float32)[p] for p in picks]
+  for p, y in zip(picks, products(onehots, codes, scale, table)):
+    np.testing.assert_array_equal(np.asarray(y), w[p])
 
 
 def test_groups_shared_by_all_columns():
@@ -174,17 +181,20 @@ def test_inside_scan_over_stacked_layers():
   codes = np.stack([c for c, _, _ in layers])
   scales = np.stack([s for _, s, _ in layers])
   table = layers[0][2]
-  x = rng.standard_normal((1, N)).astype(np.float32)
 
   def step(h, layer):
     c, s = layer
     return jnp.tanh(sp.packed_product(h, c, s, table, bits=2, k=N)), None
 
-  y, _ = jax.jit(lambda x: jax.lax.scan(step, x, (codes, scales)))(x)
-  h = x.astype(np.float64)
-  for c, s, t in layers:
-    h = np.tanh(h @ numpy_decode(c, s, t, 2, N))
-  np.testing.assert_allclose(np.asarray(y), h, rtol=1e-4, atol=1e-5)
+  forward = jax.jit(lambda x: jax.lax.scan(step, x, (codes, scales))[0])
+  for rows in (1, 2):  # both forms
+    x = rng.standard_normal((rows, N)).astype(np.float32)
+    h = x.astype(np.float64)
+    for c, s, t in layers:
+      h = np.tanh(h @ numpy_decode(c, s, t, 2, N))
+    # float32 sums of 67 products of up to 4 in size, through three layers; a wrong
+    # decoding would be off by O(1).
+    np.testing.assert_allclose(np.asarray(forward(x)), h, rtol=0, atol=1e-3)
 
 
 def test_nan_in_a_row_gives_nan_like_the_float_product():
