@@ -35,6 +35,7 @@ the table's correctly rounded levels by up to 6 ulps at 4 bits and 35 at 8 bits.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,12 +88,13 @@ def prefers_packed_product(rows: int, *, bits: int, k: int, n: int) -> bool:
   """Whether :func:`packed_product` should replace decode-then-dot for this product.
 
   Measured on XLA:CPU (``benchmarks/small_product.py``, 2 to 8 bits): up to 16 rows
-  the packed product is as fast as decode-then-dot or faster for every weight shape
-  measured (768 x 3072 to 768 x 50257). Past 16 rows, decode-then-dot wins on small
-  weights (768 x 3072: 0.9 against 1.2 ms at 32 rows) but not on weights whose float32
-  copy takes 32 MB or more: glibc hands such buffers back to the system, so
-  decode-then-dot faults its temp in again on every call (4096 x 4096 at 64 rows: 28
-  against 12 ms). The packed product never writes the float weight.
+  the packed product is faster than decode-then-dot, or within the noise of it, for
+  every weight shape measured (768 x 3072 to 768 x 50257). Past 16 rows
+  decode-then-dot wins on small weights (768 x 3072 at 32 rows: 0.8x the packed
+  product's time) but not on weights whose float32 copy takes 32 MB or more: glibc
+  hands such buffers back to the system, so decode-then-dot faults its temp in again
+  on every call (4096 x 4096 at 64 rows: 2.4x the packed product's time). The packed
+  product never writes the float weight.
 
   Args:
     rows: rows of ``x`` (the product of its leading dimensions).
@@ -141,8 +143,8 @@ def packed_product(
   rows = math.prod(lead)
   if rows == 0 or k == 0:
     return jnp.zeros((*lead, n), out_dtype)
-  c, _ = codes_per_unit(bits)
-  units = codes.shape[0] // codes_per_unit(bits)[1]
+  c, nbytes = codes_per_unit(bits)
+  units = codes.shape[0] // nbytes
   # Codes past row k (packing pads the last unit) meet zeros of x.
   xs = x.reshape(rows, k).astype(jnp.float32)
   xs = jnp.pad(xs, ((0, 0), (0, units * c - k))).reshape(rows, units, c)
@@ -261,7 +263,7 @@ def _partial_sums(
   stop = start + steps * unroll
   step = lax.broadcasted_iota(jnp.int32, (steps, 1), 0)
   first_row = (start + step * unroll) * w.c
-  acc = None
+  acc: Any = None
   for r in range(unroll):
     parts = w.unit_bytes(start + r, stop, unroll)
     for j in range(w.c):
