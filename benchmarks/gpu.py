@@ -385,22 +385,57 @@ def tune(
   return lines + ['']
 
 
-def gpt2_hook() -> list[str]:
-  # TODO: the GPT-2-shaped decoder step comes from benchmarks/inference.py once it
-  # provides `gpt2_step()` (returning its report lines or a string); until then this
-  # section only says so.
-  try:
-    from inference import gpt2_step
-  except Exception:
-    return [
-      '## GPT-2-shaped decoder step',
-      '',
-      'TODO: not measured (benchmarks/inference.py has no `gpt2_step()` yet).',
-      '',
-    ]
-  result = gpt2_step()
-  body = result if isinstance(result, list) else [str(result)]
-  return ['## GPT-2-shaped decoder step', '', *body, '']
+def gpt2_step(clock: Clock, smoke: bool) -> list[str]:
+  """One batch-1 generation step of the GPT-2-shaped decoder (benchmarks/gpt2.py).
+
+  bfloat16: the parameters cast to bfloat16. pqjax: 4 bits per channel, every
+  >= 2-D leaf, through ``pqjax.wrap`` with the kernel forced and with XLA's paths.
+  """
+  import gpt2
+
+  config = gpt2.Config(vocab=512, positions=32, d=64, heads=4, layers=2, mlp=128)
+  config = config if smoke else gpt2.SMALL
+  model = gpt2.GPT(config)
+  params = gpt2.init(model)
+  cast = lambda t: jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), t)
+  params_q, _ = pqjax.quantize(params, 4)
+  apply = lambda p, tokens, cache, pos: model.apply({'params': p}, tokens, cache, pos)
+  tokens = jnp.ones((1, 1), jnp.int32)
+  pos = jnp.int32(min(128, config.positions - 1))
+  cache = cast(gpt2.empty_cache(config, 1, False))
+  variants = {
+    'bf16': (apply, cast(params)),
+    'pqjax 4-bit, kernel': (pqjax.wrap(apply, products='kernel'), params_q),
+    'pqjax 4-bit, XLA (auto)': (pqjax.wrap(apply, products='auto'), params_q),
+    'pqjax 4-bit, XLA decode': (pqjax.wrap(apply, products='decode'), params_q),
+  }
+  rows = ['| variant | step ms | vs bf16 |', '|---|---|---|']
+  base = None
+  for name, (fn, p) in variants.items():
+    if clock.left() < 20:
+      rows.append(f'| {name} | skipped: out of time | |')
+      continue
+    step = jax.jit(fn)
+    try:
+      jax.block_until_ready(step(p, tokens, cache, pos))
+      times = []
+      for _ in range(3 if smoke else 30):
+        start = time.perf_counter()
+        jax.block_until_ready(step(p, tokens, cache, pos))
+        times.append(time.perf_counter() - start)
+      t = statistics.median(times)
+    except Exception as e:
+      rows.append(f'| {name} | error: {type(e).__name__}: {str(e)[:100]} | |')
+      continue
+    base = base or t
+    rows.append(f'| {name} | {1e3 * t:.3f} | {t / base:.2f}x |')
+    print(rows[-1], flush=True)
+  return [
+    '## GPT-2-shaped decoder step (batch 1, one token, 256-position cache)',
+    '',
+    *rows,
+    '',
+  ]
 
 
 def main() -> None:
@@ -453,7 +488,7 @@ def main() -> None:
   lines += table
   if not args.smoke:
     lines += targets(table)
-  lines += gpt2_hook()
+  lines += gpt2_step(clock, args.smoke)
   k, n = shapes[0]
   lines += tune(k, n, clock, reps, runs, interpret, args.smoke)
   lines.append(
