@@ -38,12 +38,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gpt2
 import jax
 import jax.numpy as jnp
 import numpy as np
 from common import publish
 
-import gpt2
 import pqjax
 
 HERE = Path(__file__).parent
@@ -250,7 +250,7 @@ def measure(s: Scenario, folder: Path, names: tuple[str, ...]) -> list[dict[str,
       r['error'] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
   times: dict[str, list[float]] = {n: [] for n in runs}
   for _ in range(2):
-    for n, (c, p, st) in runs.items():
+    for c, p, st in runs.values():
       _call(s, c, p, inputs, st)
   for _ in range(s.runs):
     for n, (c, p, st) in runs.items():
