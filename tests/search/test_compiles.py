@@ -56,6 +56,8 @@ def test_stacked_layers_compile_as_their_shapes():
   shapes = [(29, 7), (31, 9), (33, 5)]
   few = _count_compiles(lambda: pqjax.quantize(stacks(3, shapes), 4, layer_axes=1))
   shapes2 = [(s[0] + 2, s[1]) for s in shapes]
-  many = _count_compiles(lambda: pqjax.quantize(stacks(40, shapes2), 4, layer_axes=1))
-  assert many <= few + 1, (few, many)  # 40 layers a leaf compile like 3
+  many = _count_compiles(lambda: pqjax.quantize(stacks(41, shapes2), 4, layer_axes=1))
+  # 41 layers a leaf compile like 3: a few small programs depend on the number of
+  # layers (their exponents, tables), none on each layer.
+  assert many <= few + 2 * len(shapes), (few, many)
   assert many <= 12 * len(shapes), many
