@@ -198,6 +198,7 @@ def test_compiled_passes_move_no_weights(spec):
       k=k,
       n=n,
       nk=b.nk,
+      layers=((),),
       bits=4,
       grid='full',
       block_clip=False,
@@ -266,3 +267,71 @@ def test_unsupported_layouts_name_the_leaf():
   )
   with pytest.raises(ValueError, match=r'w: sharding .* contiguous'):
     pqjax.quantize({'w': conv}, 4)
+
+
+def _layers(shape, seed):
+  """Stacked layers of different spreads."""
+  rng = np.random.default_rng(seed)
+  *layers, k, n = shape
+  count = int(np.prod(layers))
+  w = rng.standard_normal((count, k, n)).astype(np.float32)
+  return (w * (1.5 ** np.arange(count, dtype=np.float32))[:, None, None]).reshape(shape)
+
+
+@pytest.mark.parametrize(
+  'spec,layer_axes,shape,options',
+  [
+    (P('x', None, 'y'), 1, (4, 64, 96), {}),
+    (P('x', None, None), 1, (6, 64, 48), {'exponent': 'global'}),
+    (P('x', 'y', None), 1, (4, 64, 96), {'granularity': 16, 'grid': 'symmetric'}),
+    (P(('x', 'y'), None, None), 1, (8, 32, 48), {'clip': 'block', 'granularity': 8}),
+    (P('x', 'y', None, None), 2, (2, 4, 32, 48), {'granularity': 'tensor'}),
+  ],
+)
+def test_stacked_layers_sharded_over_their_layer_axes(spec, layer_axes, shape, options):
+  """Layers on different devices: each quantized where it lies, as on one device."""
+  mesh = _mesh('2x4')
+  w = _layers(shape, 6)
+  ref, ref_alphas = pqjax.quantize({'w': w}, 4, layer_axes=layer_axes, **options)
+  leaf = jax.device_put(w, NamedSharding(mesh, spec))
+  q, alphas = pqjax.quantize({'w': leaf}, 4, layer_axes=layer_axes, **options)
+  np.testing.assert_array_equal(alphas['w'], ref_alphas['w'])
+  got, want = q['w'], ref['w']
+  assert got.layer_axes == layer_axes
+  for f in ('codes', 'scale', 'alpha', 'table'):
+    np.testing.assert_array_equal(
+      np.asarray(getattr(got, f)), np.asarray(getattr(want, f)), err_msg=f
+    )
+  assert got.codes.sharding.is_equivalent_to(NamedSharding(mesh, spec), got.codes.ndim)
+  nk, ncol = got.scale.shape[-2:]
+  lspec = tuple(spec)[:layer_axes]
+  k_axis, n_axis = tuple(spec)[layer_axes], tuple(spec)[-1]
+  want_scale = P(*lspec, k_axis if nk > 1 else None, n_axis if ncol > 1 else None)
+  assert got.scale.sharding.is_equivalent_to(
+    NamedSharding(mesh, want_scale), got.scale.ndim
+  ), got.scale.sharding
+  decoded = jax.jit(lambda x: x.dequantize())(got)
+  assert _same_sharding(decoded, leaf), (decoded.sharding, leaf.sharding)
+  np.testing.assert_array_equal(np.asarray(decoded), np.asarray(want.dequantize()))
+
+
+def test_stacked_layers_orbax_round_trip_and_rules(tmp_path):
+  mesh = _mesh('2x4')
+  leaf = jax.device_put(_layers((4, 32, 48), 7), NamedSharding(mesh, P('x', None, 'y')))
+  params_q, _ = pqjax.quantize({'w': leaf}, 4, layer_axes=1)
+  pqjax.save_orbax(tmp_path / 'q', params_q)
+  target = jax.tree_util.tree_map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params_q
+  )
+  restored = pqjax.load_orbax(tmp_path / 'q', target=target)
+  assert restored['w'].layer_axes == 1
+  for f in ('codes', 'scale', 'alpha', 'table'):
+    got, want = getattr(restored['w'], f), getattr(params_q['w'], f)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.sharding.is_equivalent_to(want.sharding, got.ndim), f
+  # Inside a layer, K is cut only along its first axis longer than 1.
+  conv = jax.device_put(
+    np.ones((2, 3, 4, 8), np.float32), NamedSharding(mesh, P('x', None, 'y', None))
+  )
+  with pytest.raises(ValueError, match=r'^w: sharding .* after its 1 layer axes'):
+    pqjax.quantize({'w': conv}, 4, layer_axes=1)

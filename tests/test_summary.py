@@ -127,3 +127,41 @@ def test_public_names():
   assert pqjax.summary is pqjax.summary and pqjax.nbytes is pqjax.nbytes
   assert pqjax.nbytes({'a': np.zeros(3, np.float32)}) == 12
   assert pqjax.summary({}).leaves == ()
+
+
+def test_stacked_layers():
+  rng = np.random.default_rng(1)
+  w = rng.standard_normal((2, 3, 20, 8)).astype(np.float32)
+  w *= np.float32(2.0) ** np.arange(6, dtype=np.float32).reshape(2, 3, 1, 1)
+  params_q, alphas = pqjax.quantize(
+    {'scan': w, 'w': w[0, 0]}, 3, granularity=5, layer_axes=lambda p, x: x.ndim - 2
+  )
+  rows = {x.path: x for x in pqjax.summary(params_q).leaves}
+  r = rows['scan']
+  assert (r.layers, r.layer_count, r.blocks, r.granularity) == (
+    (2, 3),
+    6,
+    (4, 8),
+    'group 5',
+  )
+  want = [float(a) for a in alphas['scan'].reshape(-1)]
+  assert r.exponents == tuple(want)
+  assert r.exponent == pytest.approx(np.mean(want))
+  assert r.exponent_range == (min(want), max(want)) and min(want) < max(want)
+  # Every layer stores its codes, scales, exponent and table.
+  assert r.bytes_after == 6 * qarray_bytes((20, 8), 3, 4 * 8, scale_bytes=2)
+  assert r.bits_per_weight == 8 * r.bytes_after / w.size
+  plain = rows['w']
+  assert (plain.layers, plain.exponents, plain.layer_count) == ((), (), 1)
+  assert plain.exponent_range == (plain.exponent, plain.exponent)
+
+  lines = pqjax.summary(params_q).format().splitlines()
+  assert lines[0].split()[:4] == ['path', 'shape', 'layers', 'dtype']
+  (scan,) = [x.split() for x in lines if x.startswith('scan ')]
+  (one,) = [x.split() for x in lines if x.startswith('w ')]
+  assert scan[1:3] == ['2x3x20x8', '6'] and one[1:3] == ['20x8', '-']
+  assert scan[6] == f'{min(want):.4f}..{max(want):.4f}'
+  assert scan[7] == '192' and one[7] == '32'  # scales in all
+  # Trees without stacked layers keep the table as it was.
+  flat_lines = pqjax.summary({'w': params_q['w']}).format().splitlines()
+  assert 'layers' not in flat_lines[0]

@@ -6,6 +6,7 @@ Jitted per layer shape and batched over the layers of that shape.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -74,8 +75,19 @@ def encode_block(
   return packing.pack(q, bits, steps(bits, grid)[0]), scale[:, 0, :]
 
 
+def split_layers(x: jax.Array, layers: Sequence[tuple[int, ...]]) -> list[jax.Array]:
+  """``(L, ...)`` per-layer results cut per leaf, each ``(*layers[i], ...)``."""
+  out, start = [], 0
+  for shape in layers:
+    count = math.prod(shape)
+    out.append(x[start : start + count].reshape(*shape, *x.shape[1:]))
+    start += count
+  return out
+
+
 @functools.partial(
-  jax.jit, static_argnames=('k', 'n', 'nk', 'bits', 'grid', 'block_clip', 'config')
+  jax.jit,
+  static_argnames=('k', 'n', 'nk', 'layers', 'bits', 'grid', 'block_clip', 'config'),
 )
 def encode_layers(
   leaves: Sequence[jax.Array],
@@ -87,18 +99,22 @@ def encode_layers(
   k: int,
   n: int,
   nk: int,
+  layers: tuple[tuple[int, ...], ...],
   bits: int,
   grid: str,
   block_clip: bool,
   config: SearchConfig,
 ) -> tuple[list[jax.Array], list[jax.Array]]:
-  """Each layer's packed codes and ``(nk, ncol)`` float32 scales, as separate buffers.
+  """Each leaf's packed codes and float32 scales, as separate buffers.
 
-  ``absmax`` is :func:`group_stats`' ``(L, nk, 1, ncol)``, so that pass is not
-  repeated; ``fp16`` ``(L,)`` marks the layers whose scales are rounded to float16.
+  ``layers[i]`` are leaf ``i``'s stacked-layer axes: its codes are
+  ``(*layers[i], packed_rows, N)`` and its scales ``(*layers[i], nk, ncol)``. The
+  ``L`` layers of all leaves, in order, are encoded in one batch. ``absmax`` is
+  :func:`group_stats`' ``(L, nk, 1, ncol)``, so that pass is not repeated; ``fp16``
+  ``(L,)`` marks the layers whose scales are rounded to float16.
   """
   fn = functools.partial(
     encode_block, nk=nk, bits=bits, grid=grid, block_clip=block_clip, config=config
   )
   codes, scales = jax.vmap(fn)(stack(leaves, k, n), alpha, clip, absmax, fp16)
-  return list(codes), list(scales)
+  return split_layers(codes, layers), split_layers(scales, layers)

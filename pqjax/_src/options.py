@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -17,6 +18,9 @@ from pqjax._src.search.config import SearchConfig
 ExponentMode = Literal['layer', 'global']
 ClipMode = Literal['layer', 'block', 'fixed']
 ScaleDtype = Literal['auto'] | type[np.floating] | np.dtype | str
+# The leading axes of a leaf that index stacked layers: one count for every leaf, or
+# ``layer_axes(path, leaf) -> int``.
+LayerAxes = int | Callable[[str, Any], int]
 
 
 def _as_float(x: object) -> float | None:
@@ -68,6 +72,55 @@ def check_scale_dtype(scale_dtype: object) -> np.dtype | None:
   return dt
 
 
+def _as_count(x: object) -> int | None:
+  """``x`` as an int if it is a non-negative integer (not a bool), else None."""
+  if isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 0:
+    return int(x)
+  return None
+
+
+def check_layer_axes(layer_axes: object) -> LayerAxes:
+  """A non-negative int, or a function ``(path, leaf) -> int`` checked per leaf."""
+  if callable(layer_axes):
+    return layer_axes
+  count = _as_count(layer_axes)
+  if count is None:
+    raise ValueError(
+      'layer_axes must be a non-negative int or a function (path, leaf) -> int,'
+      f' got {layer_axes!r}'
+    )
+  return count
+
+
+def leaf_layer_axes(layer_axes: LayerAxes, path: str, leaf: Any) -> int:
+  """How many leading axes of the selected ``leaf`` index layers; ValueError if bad.
+
+  Each layer must keep at least two axes (its ``(K, N)`` view), so a positive
+  count is at most ``leaf.ndim - 2``; 0 (a single matrix) fits every leaf.
+  """
+  if callable(layer_axes):
+    try:
+      got = layer_axes(path, leaf)
+    except Exception as e:
+      raise ValueError(
+        f'{path}: the layer_axes function raised {type(e).__name__}: {e}'
+      ) from e
+    count = _as_count(got)
+    if count is None:
+      raise ValueError(
+        f'{path}: the layer_axes function must return a non-negative int, got {got!r}'
+      )
+  else:
+    count = layer_axes
+  ndim = len(leaf.shape)
+  if count and count > ndim - 2:
+    raise ValueError(
+      f'{path}: layer_axes {count} leaves fewer than 2 axes per layer in a leaf of'
+      f' shape {tuple(leaf.shape)}; use at most {max(ndim - 2, 0)} for it'
+    )
+  return count
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizeOptions:
   """How :func:`pqjax.quantize` quantizes a tree; every field is checked on creation.
@@ -99,6 +152,9 @@ class QuantizeOptions:
   search_config: SearchConfig = dataclasses.field(default_factory=SearchConfig)
   # A tqdm bar on stderr; None: for trees of 50M weights or more on a terminal.
   progress: bool | None = None
+  # Leading axes of a leaf that index stacked layers (scan, vmap), each layer with
+  # its own exponent, clip ratio and scales: an int, or a function (path, leaf) -> int.
+  layer_axes: LayerAxes = 0
 
   def __post_init__(self) -> None:
     set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -108,6 +164,7 @@ class QuantizeOptions:
     set_('grid', check_grid(self.grid))
     check_clip(self.clip)
     check_scale_dtype(self.scale_dtype)
+    set_('layer_axes', check_layer_axes(self.layer_axes))
     if self.filter is not None and not callable(self.filter):
       raise TypeError(
         f'filter must be a function (path, leaf) -> bool, got {self.filter!r}'

@@ -14,6 +14,7 @@ select -> group -> statistics -> search -> encode -> assemble:
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -27,7 +28,7 @@ from pqjax._src.core import grid
 from pqjax._src.core.blocks import Blocks, blocks_for
 from pqjax._src.core.leaves import default_filter, is_float_array, path_str
 from pqjax._src.core.qarray import QArray
-from pqjax._src.options import QuantizeOptions
+from pqjax._src.options import QuantizeOptions, leaf_layer_axes
 from pqjax._src.search import fit, stats
 from pqjax._src.search.config import Plan, SearchConfig
 
@@ -39,11 +40,30 @@ FP16_MAX = float(np.finfo(np.float16).max)
 
 
 class Leaf(NamedTuple):
-  """A selected leaf: its position among the flattened leaves, its path and value."""
+  """A selected leaf: its position among the flattened leaves, its path and value.
+
+  Its first ``layer_axes`` axes index stacked layers, each quantized on its own.
+  """
 
   position: int
   path: str
   value: Any
+  layer_axes: int = 0
+
+  @property
+  def layers(self) -> tuple[int, ...]:
+    """The stacked-layer axes, ``()`` for a single matrix."""
+    return tuple(self.value.shape[: self.layer_axes])
+
+  @property
+  def layer_count(self) -> int:
+    """How many ``(K, N)`` layers the leaf holds."""
+    return math.prod(self.layers)
+
+  @property
+  def layer_shape(self) -> tuple[int, ...]:
+    """The shape of one layer."""
+    return tuple(self.value.shape[self.layer_axes :])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +79,33 @@ class Group:
     return tuple(leaf.value for leaf in self.leaves)
 
   @property
+  def layer_count(self) -> int:
+    """Layers in the group: a stacked leaf counts each of its layers."""
+    return sum(leaf.layer_count for leaf in self.leaves)
+
+  @property
+  def layers(self) -> tuple[tuple[int, ...], ...]:
+    """Each leaf's stacked-layer axes, in order."""
+    return tuple(leaf.layers for leaf in self.leaves)
+
+  @property
   def weights(self) -> int:
-    return self.blocks.k * self.blocks.n * len(self.leaves)
+    return self.blocks.k * self.blocks.n * self.layer_count
+
+  def owner(self, layer: int) -> tuple[Leaf, tuple[int, ...]]:
+    """The leaf holding the group's ``layer``-th layer, and its index in the leaf."""
+    for leaf in self.leaves:
+      if layer < leaf.layer_count:
+        return leaf, tuple(int(i) for i in np.unravel_index(layer, leaf.layers))
+      layer -= leaf.layer_count
+    raise IndexError(layer)
 
 
 class GroupStats(NamedTuple):
-  """One pass over a group: finiteness ``(L,)``, absmax ``(L, nk, 1, ncol)``, stats."""
+  """One pass over a group: finiteness ``(L,)``, absmax ``(L, nk, 1, ncol)``, stats.
+
+  ``L`` counts layers: every layer of a stacked leaf, in order.
+  """
 
   finite: jax.Array
   absmax: jax.Array
@@ -72,7 +113,11 @@ class GroupStats(NamedTuple):
 
 
 class Encoded(NamedTuple):
-  """A group's packed codes and stored scales, per layer; ``half``: float16 scales."""
+  """A group's packed codes and stored scales, per leaf; ``half``: float16 scales.
+
+  Each leaf's codes and scales have its stacked-layer axes first; ``half`` is per
+  layer, the same for every layer of a leaf.
+  """
 
   codes: list[jax.Array]
   scales: list[jax.Array]
@@ -83,7 +128,10 @@ class Encoded(NamedTuple):
 
 
 def select(flat: Sequence[tuple[Any, Any]], options: QuantizeOptions) -> list[Leaf]:
-  """The leaves to quantize, in tree order; TypeError for a non-float forced in."""
+  """The leaves to quantize, in tree order, with their layer axes.
+
+  TypeError for a non-float forced in; ValueError for layer axes that do not fit.
+  """
   chosen = []
   for i, (path, leaf) in enumerate(flat):
     name = path_str(path)
@@ -95,7 +143,7 @@ def select(flat: Sequence[tuple[Any, Any]], options: QuantizeOptions) -> list[Le
     elif not is_float_array(leaf):
       kind = getattr(leaf, 'dtype', type(leaf).__name__)
       raise TypeError(f'{name}: only floating arrays can be quantized, got {kind}')
-    chosen.append(Leaf(i, name, leaf))
+    chosen.append(Leaf(i, name, leaf, leaf_layer_axes(options.layer_axes, name, leaf)))
   return chosen
 
 
@@ -103,11 +151,15 @@ def select(flat: Sequence[tuple[Any, Any]], options: QuantizeOptions) -> list[Le
 
 
 def group(leaves: Sequence[Leaf], options: QuantizeOptions) -> list[Group]:
-  """Leaves batched by block shape and by sharding, in order of first appearance."""
+  """Leaves batched by block shape and by sharding, in order of first appearance.
+
+  The layers of a stacked leaf join the group of their block shape, as separate
+  leaves of that shape would.
+  """
   groups: dict[tuple[Blocks, sharding.Layout | None], list[Leaf]] = {}
   for leaf in leaves:
-    b = blocks_for(tuple(leaf.value.shape), options.granularity)
-    layout = sharding.layout_of(leaf.path, leaf.value)
+    b = blocks_for(leaf.layer_shape, options.granularity)
+    layout = sharding.layout_of(leaf.path, leaf.value, leaf.layer_axes)
     if layout is not None:
       sharding.check(leaf.path, layout, b, options.bits, options.clip_mode == 'block')
     groups.setdefault((b, layout), []).append(leaf)
@@ -132,11 +184,13 @@ def statistics(
     out.append(GroupStats(*s))
     _advance(bar, out[-1], g.weights)
   for g, s in zip(groups, out):
-    for ok, leaf in zip(np.asarray(s.finite), g.leaves):
-      if not ok:
-        raise ValueError(
-          f'{leaf.path}: leaf of shape {tuple(leaf.value.shape)} holds NaN or Inf'
-        )
+    bad = np.flatnonzero(~np.asarray(s.finite))
+    if bad.size:
+      leaf, index = g.owner(int(bad[0]))
+      where = f' (layer {index if len(index) > 1 else index[0]})' if index else ''
+      raise ValueError(
+        f'{leaf.path}: leaf of shape {tuple(leaf.value.shape)} holds NaN or Inf{where}'
+      )
   return out
 
 
@@ -155,7 +209,7 @@ def search(
   groups: Sequence[Group], group_stats: Sequence[GroupStats], options: QuantizeOptions
 ) -> tuple[jax.Array, jax.Array]:
   """Exponent and clip ratio of every layer, ``(L,)`` each, groups in order."""
-  n = sum(len(g.leaves) for g in groups)
+  n = sum(g.layer_count for g in groups)
   config = options.search_config
   plan = plan_of(options)
   fixed = options.exponent if isinstance(options.exponent, float) else 1.0
@@ -201,7 +255,7 @@ def _refine(
     else groups[i].values
     for i in small
   ]
-  offsets = np.cumsum([0] + [len(g.leaves) for g in groups])
+  offsets = np.cumsum([0] + [g.layer_count for g in groups])
   index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in small])
   a, c = fit.refine_layers(
     tuple(values),
@@ -230,20 +284,26 @@ def _fp16_fits(absmax: np.ndarray, low: float) -> bool:
 def half_scales(
   g: Group, s: GroupStats, clips: jax.Array, options: QuantizeOptions
 ) -> np.ndarray:
-  """Which layers of ``g`` store float16 scales ``(L,)``; ValueError if asked, unfit."""
+  """Which layers of ``g`` store float16 scales ``(L,)``; ValueError if asked, unfit.
+
+  A stacked leaf has one scale dtype: float16 only if every one of its layers fits.
+  """
   asked = options.stored_scale_dtype
   if asked is None and isinstance(options.granularity, str):
-    return np.zeros(len(g.leaves), bool)
+    return np.zeros(g.layer_count, bool)
   low = options.search_config.clip_lo if options.clip_mode == 'block' else 1.0
-  host = np.asarray(s.absmax).reshape(len(g.leaves), -1) * np.asarray(clips)[:, None]
-  half = np.array([_fp16_fits(x, low) for x in host])
+  host = np.asarray(s.absmax).reshape(g.layer_count, -1) * np.asarray(clips)[:, None]
+  half = np.array([_fp16_fits(x, low) for x in host], bool)
   if asked == np.dtype(np.float16) and not half.all():
-    path = g.leaves[int(np.argmin(half))].path
+    path = g.owner(int(np.argmin(half)))[0].path
     raise ValueError(
       f'{path}: block scales fall outside the float16 range; use scale_dtype=float32'
     )
   if asked == np.dtype(np.float32):
     half[:] = False
+  offsets = np.cumsum([0] + [leaf.layer_count for leaf in g.leaves])
+  for lo, hi in zip(offsets[:-1], offsets[1:]):
+    half[lo:hi] = half[lo:hi].all()
   return half
 
 
@@ -259,7 +319,7 @@ def encode(
   out = []
   offset = 0
   for g, s in zip(groups, group_stats):
-    n = len(g.leaves)
+    n = g.layer_count
     a, c = alphas[offset : offset + n], clips[offset : offset + n]
     offset += n
     half = half_scales(g, s, c, options)
@@ -267,6 +327,7 @@ def encode(
       k=g.blocks.k,
       n=g.blocks.n,
       nk=g.blocks.nk,
+      layers=g.layers,
       bits=options.bits,
       grid=options.grid,
       block_clip=options.clip_mode == 'block',
@@ -299,27 +360,35 @@ def assemble(
   """``(params_q, alphas)`` trees: each selected leaf replaced by its QArray."""
   # Exponents and tables of sharded leaves are replicated on their mesh.
   placement = sharding.common_sharding([g.layout for g in groups])
-  host_alphas = np.asarray(alphas)
+  host_alphas = np.asarray(alphas, np.float32)
   out = [leaf for _, leaf in flat]
-  alpha_out: list[float | None] = [None] * len(flat)
+  alpha_out: list[float | np.ndarray | None] = [None] * len(flat)
   offset = 0
+  levels = grid.num_levels(options.bits, options.grid)
   for g, e in zip(groups, encoded):
     where = None if g.layout is None else placement
+    first = 0  # the leaf's first layer in the group
     for j, leaf in enumerate(g.leaves):
-      alpha = host_alphas[offset + j]
-      scale = e.scales[j].astype(jnp.float16) if e.half[j] else e.scales[j]
-      table = grid.decode_table(alpha, options.bits, options.grid)
+      alpha = host_alphas[offset : offset + leaf.layer_count].reshape(leaf.layers)
+      half = leaf.layer_count > 0 and e.half[first]
+      scale = e.scales[j].astype(jnp.float16) if half else e.scales[j]
+      table = np.zeros((leaf.layer_count, levels), np.float32)
+      for i, a in enumerate(alpha.reshape(-1)):
+        table[i] = grid.decode_table(float(a), options.bits, options.grid)
+      table = table.reshape(*leaf.layers, levels)
       out[leaf.position] = QArray(
         codes=e.codes[j],
         scale=scale,
-        alpha=sharding.place(jnp.float32(alpha), where),
+        alpha=sharding.place(jnp.asarray(alpha), where),
         table=sharding.place(jnp.asarray(table), where),
         bits=options.bits,
         shape=tuple(leaf.value.shape),
         dtype=np.dtype(leaf.value.dtype),
+        layer_axes=leaf.layer_axes,
       )
-      alpha_out[leaf.position] = float(alpha)
-    offset += len(g.leaves)
+      alpha_out[leaf.position] = alpha if leaf.layer_axes else float(alpha)
+      offset += leaf.layer_count
+      first += leaf.layer_count
   return (
     jax.tree_util.tree_unflatten(treedef, out),
     jax.tree_util.tree_unflatten(treedef, alpha_out),
@@ -382,14 +451,21 @@ def quantize(params: Any, bits: int = 4, **options: Any) -> tuple[Any, Any]:
         ratios in [0.3, 1] by default).
       - ``progress``: a tqdm progress bar on stderr. Default: for trees of 50M
         weights or more, when stderr is a terminal.
+      - ``layer_axes``: how many leading axes of a leaf index stacked layers
+        (``nn.scan``, ``nnx.scan``, vmapped layers): an int for every selected
+        leaf, or a function ``(path, leaf) -> int``. Each layer gets its own
+        exponent, clip ratio and scales, exactly as if the layers were separate
+        leaves; the leaf stays one :class:`QArray`. Default 0: a leaf is one layer.
 
   Returns:
     ``(params_q, alphas)``: ``params`` with each selected leaf replaced by a
     :class:`QArray`, and a tree of the same structure holding each quantized leaf's
-    exponent (a float) and None elsewhere.
+    exponent (a float, or a float32 array of shape ``leaf.shape[:layer_axes]`` for
+    a leaf with layer axes) and None elsewhere.
 
   Raises:
-    ValueError: an option is invalid, or a selected leaf holds NaN or Inf.
+    ValueError: an option is invalid, a selected leaf holds NaN or Inf, or its
+      layer axes leave fewer than 2 axes per layer.
     TypeError: the filter forces a non-float leaf in, or an option has a wrong type.
   """
   opts = QuantizeOptions(bits=bits, **options)

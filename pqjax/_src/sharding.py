@@ -1,8 +1,11 @@
 """Quantizing leaves sharded over a device mesh, shard by shard.
 
 A leaf sharded with a :class:`jax.sharding.NamedSharding` is read on its ``(K, N)``
-view: its last axis is N, the rest is K. Each device works on the block it holds,
-inside :func:`jax.shard_map`, and never receives another device's weights:
+view: its last axis is N, the rest is K. A leaf with stacked layers is read as
+layers of that view, and its layer axes may be sharded too: layers are independent,
+so a device holding whole layers quantizes them alone. Each device works on the
+block it holds, inside :func:`jax.shard_map`, and never receives another device's
+weights:
 
 - statistics: each device bins its block tile by tile (:mod:`pqjax.tiles`); block
   scales that span devices are reduced with ``pmax``; the per-tile histograms are
@@ -40,12 +43,14 @@ Axes = tuple[str, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """A leaf's sharding on its ``(K, N)`` view: the mesh axes that split K and N."""
+  """A leaf's sharding: the mesh axes that split each layer axis, K and N."""
 
   mesh: Mesh | AbstractMesh
   spec: P
   kaxes: Axes
   naxes: Axes
+  # One entry per stacked-layer axis: the mesh axes that split it.
+  laxes: tuple[Axes, ...] = ()
 
   @property
   def kx(self) -> int:
@@ -63,6 +68,10 @@ class Layout:
       _entry(self.kaxes) if k_axis else None, _entry(self.naxes) if n_axis else None
     )
 
+  def per_layer(self, *rest: Any) -> P:
+    """Spec of an array with the leaf's layer axes (sharded as they are), then rest."""
+    return P(*(_entry(a) for a in self.laxes), *rest)
+
 
 def _entry(axes: Axes) -> str | Axes | None:
   return None if not axes else axes[0] if len(axes) == 1 else axes
@@ -74,8 +83,12 @@ def _axes(entry: Any) -> Axes:
   return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def layout_of(name: str, leaf: Any) -> Layout | None:
-  """The layout of a sharded leaf; None where one device holds all of it."""
+def layout_of(name: str, leaf: Any, layer_axes: int = 0) -> Layout | None:
+  """The layout of a sharded leaf; None where one device holds all of it.
+
+  Its first ``layer_axes`` axes index layers: any of them may be sharded, in whole
+  layers; in each layer, the rules for K and N apply.
+  """
   sharding = getattr(leaf, 'sharding', None)
   if not isinstance(leaf, jax.Array) or sharding is None or sharding.is_fully_replicated:
     return None
@@ -85,21 +98,24 @@ def layout_of(name: str, leaf: Any) -> Layout | None:
     )
   shape = tuple(leaf.shape)
   spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-  axes = [_axes(e) for e in spec]
+  every = [_axes(e) for e in spec]
+  laxes, axes, view = every[:layer_axes], every[layer_axes:], shape[layer_axes:]
   leading = [i for i, a in enumerate(axes[:-1]) if a]
   # A shard of the flattened K is contiguous only if it is cut along the outermost
   # axis that is longer than 1.
-  if len(leading) > 1 or (leading and any(d > 1 for d in shape[: leading[0]])):
+  if len(leading) > 1 or (leading and any(d > 1 for d in view[: leading[0]])):
+    layers = f' after its {layer_axes} layer axes' if layer_axes else ''
     raise ValueError(
       f'{name}: sharding {sharding.spec} of shape {shape} does not cut K (all axes'
-      ' but the last) into contiguous blocks; shard only the first axis longer'
-      ' than 1, and the last'
+      f' but the last{layers}) into contiguous blocks; shard only the first axis'
+      ' longer than 1, and the last'
     )
   return Layout(
     mesh=sharding.mesh,
     spec=P(*spec),
     kaxes=axes[leading[0]] if leading else (),
     naxes=axes[-1] if axes else (),
+    laxes=tuple(laxes),
   )
 
 
@@ -130,8 +146,19 @@ def check(name: str, layout: Layout, blocks: Blocks, bits: int, block_clip: bool
 
 
 def _local(leaves: Sequence[jax.Array], k: int, n: int) -> jax.Array:
-  """The local blocks of a group's leaves as float32 ``(L, k, n)``, as ``_stack``."""
-  return jnp.stack([w.astype(jnp.float32).reshape(k, n) for w in leaves])
+  """The local blocks of a group's leaves as float32 ``(L, k, n)``, as ``stats.stack``."""
+  return jnp.concatenate([w.astype(jnp.float32).reshape(-1, k, n) for w in leaves])
+
+
+def _layers(leaves: Sequence[Any], layout: Layout) -> tuple[tuple[int, ...], ...]:
+  """The (global or local) stacked-layer axes of each leaf."""
+  return tuple(tuple(w.shape[: len(layout.laxes)]) for w in leaves)
+
+
+def _joined(parts: Sequence[jax.Array], layout: Layout) -> jax.Array:
+  """Per-leaf results ``(*layers, ...)`` as one ``(L, ...)`` array, leaves in order."""
+  la = len(layout.laxes)
+  return jnp.concatenate([x.reshape(-1, *x.shape[la:]) for x in parts])
 
 
 def _tiles_per_shard(t: int, shards: int, size: int) -> int:
@@ -140,9 +167,9 @@ def _tiles_per_shard(t: int, shards: int, size: int) -> int:
 
 
 def _scale_spec(layout: Layout, nk: int, ncol: int) -> P:
-  """Spec of ``(L, nk, 1, ncol)`` block scales."""
+  """Spec of one leaf's ``(*layers, nk, 1, ncol)`` block scales."""
   v = layout.view(nk > 1, ncol > 1)
-  return P(None, v[0], None, v[1])
+  return layout.per_layer(v[0], None, v[1])
 
 
 def _replicated(layout: Layout) -> NamedSharding:
@@ -168,30 +195,47 @@ def group_stats(
   tkl, tnl = _tiles_per_shard(tk, kx, nk * rows // kx), _tiles_per_shard(tn, nx, nl)
   every = layout.kaxes + layout.naxes
 
-  def local(*ws: jax.Array) -> tuple[jax.Array, ...]:
+  def local(*ws: jax.Array) -> tuple[tuple[jax.Array, ...], ...]:
     w3 = jax.vmap(functools.partial(block_view, nk=nk // kx if nk > 1 else 1))(
       _local(ws, kl, nl)
     )
     m = jax.vmap(functools.partial(block_absmax, ncol=ncol))(w3)
-    bad = jax.lax.psum(jnp.sum(~jnp.isfinite(m), axis=(1, 2, 3)), every)
+    bad = jnp.sum(~jnp.isfinite(m), axis=(1, 2, 3))
     if nk == 1 and layout.kaxes:
       m = jax.lax.pmax(m, layout.kaxes)
     if ncol == 1 and layout.naxes:
       m = jax.lax.pmax(m, layout.naxes)
     xs = operator.divide(w3, m)  # as stats.prepare
-    sums = stats.tile_stats(xs, m, tkl, tnl, bins, fold=False)
-    sums = sums.reshape(len(ws), 1, tkl, tnl, *sums.shape[2:])
-    return bad, m, _reduce(sums, every, kx, nx)
+    if every:
+      bad = jax.lax.psum(bad, every)
+      sums = stats.tile_stats(xs, m, tkl, tnl, bins, fold=False)
+      sums = sums.reshape(xs.shape[0], 1, tkl, tnl, *sums.shape[2:])
+      binned = _reduce(sums, every, kx, nx)
+    else:
+      # Only layers are sharded: each device holds whole layers, as one device does.
+      binned = stats.tile_stats(xs, m, tk, tn, bins, fold=True)
+    shapes = _layers(ws, layout)
+    return tuple(tuple(encoding.split_layers(x, shapes)) for x in (bad, m, binned))
 
-  bad, m, binned = jax.shard_map(
-    local,
-    mesh=layout.mesh,
-    in_specs=tuple(layout.spec for _ in leaves),
-    out_specs=(P(), _scale_spec(layout, nk, ncol), P()),
-    # The gathered sums are the same on every device, which the check cannot see.
-    check_vma=False,
-  )(*leaves)
-  m = jax.lax.with_sharding_constraint(m, _replicated(layout))
+  per_leaf = lambda spec: tuple(spec for _ in leaves)
+  bad, m, binned = (
+    _joined(parts, layout)
+    for parts in jax.shard_map(
+      local,
+      mesh=layout.mesh,
+      in_specs=per_leaf(layout.spec),
+      out_specs=(
+        per_leaf(layout.per_layer()),
+        per_leaf(_scale_spec(layout, nk, ncol)),
+        per_leaf(layout.per_layer()),
+      ),
+      # The gathered sums are the same on every device, which the check cannot see.
+      check_vma=False,
+    )(*leaves)
+  )
+  bad, m, binned = (
+    jax.lax.with_sharding_constraint(x, _replicated(layout)) for x in (bad, m, binned)
+  )
   return bad == 0, m, binned
 
 
@@ -219,7 +263,17 @@ def _reduce(sums: jax.Array, every: Axes, kx: int, nx: int) -> jax.Array:
 
 @functools.partial(
   jax.jit,
-  static_argnames=('layout', 'k', 'n', 'nk', 'bits', 'grid', 'block_clip', 'config'),
+  static_argnames=(
+    'layout',
+    'k',
+    'n',
+    'nk',
+    'layers',
+    'bits',
+    'grid',
+    'block_clip',
+    'config',
+  ),
 )
 def encode_layers(
   leaves: Sequence[jax.Array],
@@ -232,12 +286,17 @@ def encode_layers(
   k: int,
   n: int,
   nk: int,
+  layers: tuple[tuple[int, ...], ...],
   bits: int,
   grid: str,
   block_clip: bool,
   config: SearchConfig,
 ) -> tuple[list[jax.Array], list[jax.Array]]:
-  """:func:`encoding.encode_layers` of sharded leaves: codes and scales stay sharded."""
+  """:func:`encoding.encode_layers` of sharded leaves: codes and scales stay sharded.
+
+  Each leaf's per-layer inputs are cut out and sharded like its layer axes, so a
+  device encodes its own layers' blocks.
+  """
   kl, nl = k // layout.kx, n // layout.nx
   ncol = absmax.shape[3]
   fn = functools.partial(
@@ -250,22 +309,30 @@ def encode_layers(
   )
 
   def local(ws, alpha, clip, absmax, fp16):
-    return jax.vmap(fn)(_local(ws, kl, nl), alpha, clip, absmax, fp16)
+    shapes = _layers(ws, layout)
+    flat = [_joined(x, layout) for x in (alpha, clip, absmax, fp16)]
+    codes, scales = jax.vmap(fn)(_local(ws, kl, nl), *flat)
+    return (
+      tuple(encoding.split_layers(codes, shapes)),
+      tuple(encoding.split_layers(scales, shapes)),
+    )
 
+  cut = lambda x: tuple(encoding.split_layers(x, layers))
+  per_leaf = lambda spec: tuple(spec for _ in leaves)
   v = layout.view(True, True)
   s = layout.view(nk > 1, ncol > 1)
   codes, scales = jax.shard_map(
     local,
     mesh=layout.mesh,
     in_specs=(
-      tuple(layout.spec for _ in leaves),
-      P(),
-      P(),
-      _scale_spec(layout, nk, ncol),
-      P(),
+      per_leaf(layout.spec),
+      per_leaf(layout.per_layer()),
+      per_leaf(layout.per_layer()),
+      per_leaf(_scale_spec(layout, nk, ncol)),
+      per_leaf(layout.per_layer()),
     ),
-    out_specs=(P(None, *v), P(None, *s)),
-  )(tuple(leaves), alpha, clip, absmax, fp16)
+    out_specs=(per_leaf(layout.per_layer(*v)), per_leaf(layout.per_layer(*s))),
+  )(tuple(leaves), cut(alpha), cut(clip), cut(absmax), cut(fp16))
   return list(codes), list(scales)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -57,7 +58,11 @@ def relative_error(params: Any, params_q: Any) -> float:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LeafSummary:
-  """One quantized leaf: where it is, how it is stored, and what it costs."""
+  """One quantized leaf: where it is, how it is stored, and what it costs.
+
+  A leaf with stacked layers has ``layers`` (its layer axes) and ``exponents`` (each
+  layer's, in order); its ``exponent`` is their mean and ``blocks`` are per layer.
+  """
 
   path: str
   shape: tuple[int, ...]
@@ -68,10 +73,24 @@ class LeafSummary:
   blocks: tuple[int, int]
   bytes_before: int
   bytes_after: int
+  layers: tuple[int, ...] = ()
+  exponents: tuple[float, ...] = ()
 
   @property
   def size(self) -> int:
     return int(np.prod(self.shape))
+
+  @property
+  def layer_count(self) -> int:
+    """How many ``(K, N)`` layers the leaf holds (1 without layer axes)."""
+    return int(np.prod(self.layers))
+
+  @property
+  def exponent_range(self) -> tuple[float, float]:
+    """The smallest and largest exponent of the leaf's layers."""
+    if not self.exponents:
+      return self.exponent, self.exponent
+    return min(self.exponents), max(self.exponents)
 
   @property
   def bits_per_weight(self) -> float:
@@ -83,7 +102,7 @@ class LeafSummary:
     """``tensor``, ``channel`` or ``group G``, read back from the scale blocks."""
     nk, ncol = self.blocks
     if nk > 1:
-      k = matrix_shape(self.shape)[0]
+      k = matrix_shape(self.shape[len(self.layers) :])[0]
       return f'group {-(-k // nk)}'
     # With a single column, per-tensor and per-channel scales are the same thing.
     return 'tensor' if ncol == 1 else 'channel'
@@ -129,10 +148,16 @@ class Summary:
     return self.total_before / self.total_after if self.total_after else 1.0
 
   def format(self) -> str:
-    """A text table: one row per quantized leaf, then the totals."""
+    """A text table: one row per quantized leaf, then the totals.
+
+    Where a leaf has stacked layers, a ``layers`` column gives their count and its
+    exponent cell their range, ``min..max``.
+    """
+    stacked = any(x.layers for x in self.leaves)
     header = (
       'path',
       'shape',
+      *(('layers',) if stacked else ()),
       'dtype',
       'bits',
       'grid',
@@ -146,10 +171,11 @@ class Summary:
       (
         x.path,
         'x'.join(map(str, x.shape)) or '()',
+        *((f'{x.layer_count}' if x.layers else '-',) if stacked else ()),
         x.dtype,
         str(x.bits),
         x.grid,
-        f'{x.exponent:.4f}',
+        exponent_text(x),
         _blocks_text(x),
         f'{x.bytes_before:,}',
         f'{x.bytes_after:,}',
@@ -158,7 +184,7 @@ class Summary:
       for x in self.leaves
     ]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    right = {3, 5, 7, 8, 9}
+    right = {i + stacked for i in (3, 5, 7, 8, 9)} | ({2} if stacked else set())
 
     def line(cells: tuple[str, ...]) -> str:
       return '  '.join(
@@ -185,24 +211,37 @@ class Summary:
     return self.format()
 
 
+def exponent_text(x: LeafSummary) -> str:
+  """The exponent to 4 decimals; for stacked layers their range, ``min..max``."""
+  if not x.layers:
+    return f'{x.exponent:.4f}'
+  lo, hi = x.exponent_range
+  return f'{lo:.4f}..{hi:.4f}'
+
+
 def _blocks_text(x: LeafSummary) -> str:
   nk, ncol = x.blocks
-  return f'{nk * ncol} ({x.granularity})'
+  return f'{nk * ncol * x.layer_count} ({x.granularity})'
 
 
 def _leaf_summary(path: str, q: QArray) -> LeafSummary:
   itemsize = np.dtype(q.dtype).itemsize
-  nk, ncol = q.scale.shape
+  nk, ncol = q.scale.shape[-2:]
+  alphas = np.asarray(q.alpha, np.float32).reshape(-1)
+  exponents = tuple(float(a) for a in alphas) if q.layer_axes else ()
   return LeafSummary(
     path=path,
     shape=tuple(q.shape),
     dtype=np.dtype(q.dtype).name,
     bits=q.bits,
     grid=q.grid,
-    exponent=float(np.asarray(q.alpha)),
+    # A single exponent, or the mean of a stack's (none: NaN).
+    exponent=float(alphas.astype(np.float64).mean()) if alphas.size else math.nan,
     blocks=(int(nk), int(ncol)),
     bytes_before=q.size * itemsize,
     bytes_after=q.nbytes,
+    layers=q.layers,
+    exponents=exponents,
   )
 
 

@@ -6,8 +6,9 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_ERROR = 1
 EXIT_EXISTS = 2
@@ -44,6 +45,21 @@ def _clip(text: str) -> bool | str | float:
     raise argparse.ArgumentTypeError(
       f'must be "layer", "block", "off" or a ratio, got {text!r}'
     ) from None
+
+
+def _layer_axes(text: str) -> int:
+  if text.isdigit():
+    return int(text)
+  raise argparse.ArgumentTypeError(f'must be a non-negative integer, got {text!r}')
+
+
+def stacked(count: int) -> Callable[[str, Any], int]:
+  """``layer_axes`` for ``--layer-axes``: ``count`` where a leaf has room, else 0.
+
+  Leaves with fewer than ``count + 2`` axes (embeddings, a stack's biases) are
+  quantized whole, as without the flag.
+  """
+  return lambda path, leaf: count if leaf.ndim >= count + 2 else 0
 
 
 def _bits_list(text: str) -> tuple[int, ...]:
@@ -125,6 +141,7 @@ def _quantize(args: argparse.Namespace) -> int:
     exponent=args.exponent,
     grid=args.grid,
     clip=args.clip,
+    layer_axes=stacked(args.layer_axes),
   )
   jax.block_until_ready(params_q)
   seconds = time.perf_counter() - start
@@ -190,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     default=True,
     help='"layer" (a clip ratio searched per leaf), "block", "off" or a'
     ' fixed ratio in (0, 1] (default: layer)',
+  )
+  p.add_argument(
+    '--layer-axes',
+    type=_layer_axes,
+    default=0,
+    metavar='N',
+    help='the first N axes of every leaf with at least N + 2 axes index stacked'
+    ' layers (nn.scan), each quantized on its own; other leaves are quantized'
+    ' whole (default: 0)',
   )
   p.add_argument(
     '--format',

@@ -87,13 +87,34 @@ def histograms(hists: Sequence[Histogram], path: Path) -> None:
 
 
 def exponents(layers: Sequence[Layer], path: Path) -> None:
-  """Horizontal bars: the exponent of every quantized layer, in tree order."""
+  """Horizontal bars: the exponent of every quantized leaf, in tree order.
+
+  A leaf with stacked layers gets one bar at their mean exponent, with a line
+  from the smallest to the largest.
+  """
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(8, 1.5 + 0.22 * len(layers)))
   y = np.arange(len(layers))
-  ax.barh(y, [x.leaf.exponent for x in layers], color='tab:blue')
+  mean = np.array([x.leaf.exponent for x in layers])
+  lo, hi = np.array([x.leaf.exponent_range for x in layers]).reshape(-1, 2).T
+  ax.barh(y, mean, color='tab:blue')
+  stacked = np.array([bool(x.leaf.layers) for x in layers], bool)
+  if stacked.any():
+    ax.errorbar(
+      mean[stacked],
+      y[stacked],
+      xerr=[mean[stacked] - lo[stacked], hi[stacked] - mean[stacked]],
+      fmt='none',
+      ecolor='black',
+      capsize=3,
+      lw=1,
+    )
   ax.axvline(1.0, color='grey', lw=0.8, ls='--')
-  ax.set_yticks(y, [_short(x.leaf.path) for x in layers], fontsize=7)
+  names = [
+    _short(x.leaf.path) + (f' ({x.leaf.layer_count} layers)' if x.leaf.layers else '')
+    for x in layers
+  ]
+  ax.set_yticks(y, names, fontsize=7)
   ax.invert_yaxis()
   ax.set_xlabel('exponent a (1 = uniform)')
   ax.set_title('Exponent per layer')

@@ -91,21 +91,77 @@ def layers(params_q: Any, weights: dict[str, Any] | None) -> tuple[Layer, ...]:
   )
 
 
-def sample(params_q: Any, n: int = 4) -> list[str]:
-  """Up to ``n`` layers spanning the exponents found, from lowest to highest."""
-  q = pqjax.quantized_leaves(params_q)
-  small = sorted(
-    (float(x.alpha), p) for p, x in q.items() if x.size <= SAMPLE_MAX_WEIGHTS
+# --- single layers: a leaf, or one layer of a stacked leaf ----------------------------
+
+
+def layer_name(path: str, index: tuple[int, ...]) -> str:
+  """A single layer's name: the leaf's path, and ``[i]`` for a layer of a stack."""
+  return f'{path}[{",".join(map(str, index))}]' if index else path
+
+
+def layer_index(params_q: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """Every single ``(K, N)`` layer by name: its leaf's path and its index there."""
+  return {
+    layer_name(p, index): (p, index)
+    for p, x in pqjax.quantized_leaves(params_q).items()
+    for index in (tuple(int(i) for i in j) for j in np.ndindex(*x.layers))
+  }
+
+
+def one_layer(q: QArray, index: tuple[int, ...]) -> QArray:
+  """Layer ``index`` of a stacked QArray as a QArray of its own (``()``: ``q``)."""
+  if not index:
+    return q
+  return QArray(
+    codes=q.codes[index],
+    scale=q.scale[index],
+    alpha=q.alpha[index],
+    table=q.table[index],
+    bits=q.bits,
+    shape=tuple(q.shape[q.layer_axes :]),
+    dtype=q.dtype,
   )
+
+
+def single_layers(
+  params_q: Any, names: Sequence[str], weights: dict[str, Any] | None = None
+) -> dict[str, tuple[QArray, Any]]:
+  """Each named layer's QArray and float weights (None without ``weights``)."""
+  q = pqjax.quantized_leaves(params_q)
+  where = layer_index(params_q)
+  out = {}
+  for name in names:
+    path, index = where[name]
+    w = None if weights is None else np.asarray(weights[path])[index]
+    out[name] = (one_layer(q[path], index), w)
+  return out
+
+
+def sample(params_q: Any, n: int = 4) -> list[str]:
+  """Up to ``n`` layers spanning the exponents found, from lowest to highest.
+
+  Each layer of a stacked leaf is a candidate of its own, named ``path[i]``.
+  """
+  small = []
+  for p, x in pqjax.quantized_leaves(params_q).items():
+    count = int(np.prod(x.layers))
+    if not count or x.size // count > SAMPLE_MAX_WEIGHTS:
+      continue
+    alphas = np.asarray(x.alpha, np.float32)
+    small += [
+      (float(alphas[index]), layer_name(p, tuple(int(i) for i in index)))
+      for index in np.ndindex(*x.layers)
+    ]
   if not small:
     return []
+  small.sort()
   index = np.round(np.linspace(0, len(small) - 1, min(n, len(small)))).astype(int)
   return [small[i][1] for i in dict.fromkeys(index.tolist())]
 
 
 def granularity_of(q: QArray) -> str | int:
   """The ``granularity`` option that gives ``q``'s scale blocks."""
-  nk, ncol = q.scale.shape
+  nk, ncol = q.scale.shape[-2:]
   if nk > 1:
     return q.block_rows
   # With one column, per-tensor and per-channel scales are the same blocks.
@@ -132,17 +188,19 @@ def error_curves(
 
   Each grid point quantizes the sampled layers with ``quantize(..., exponent=a)``
   and the other ``options`` of the report's quantization, so the curve is the
-  library's own operator, not a model of it.
+  library's own operator, not a model of it. ``paths`` name single layers (see
+  :func:`sample`): a layer of a stacked leaf is quantized alone.
   """
   if not paths:
     return ()
-  q = pqjax.quantized_leaves(params_q)
+  layers = single_layers(params_q, paths, weights)
+  q = {p: x for p, (x, _) in layers.items()}
   chosen = {p: float(q[p].alpha) for p in paths}
   hi = max(1.5, 1.25 * max(chosen.values()))
   grid = np.linspace(0.1, hi, points)
-  options = {k: v for k, v in options.items() if k != 'exponent'}
+  options = {k: v for k, v in options.items() if k not in ('exponent', 'layer_axes')}
   bits = q[paths[0]].bits
-  sub = {p: weights[p] for p in paths}
+  sub = {p: w for p, (_, w) in layers.items()}
   errors: dict[str, list[float]] = {p: [] for p in paths}
   for a in grid:
     sub_q, _ = quantize(sub, bits, exponent=float(a), **options)
@@ -154,14 +212,14 @@ def error_curves(
       exponents=grid,
       errors=np.array(errors[p]),
       chosen=chosen[p],
-      chosen_error=pqjax.relative_error(weights[p], q[p]),
+      chosen_error=pqjax.relative_error(sub[p], q[p]),
     )
     for p in paths
   )
 
 
 def row_scales(q: QArray) -> np.ndarray:
-  """The float32 scale of every row of the (K, N) view: ``(K, ncol)``."""
+  """The float32 scale of every row of one layer's (K, N) view: ``(K, ncol)``."""
   k, _ = q.matrix_shape
   return np.repeat(np.asarray(q.scale, np.float32), q.block_rows, axis=0)[:k]
 
@@ -176,18 +234,20 @@ def normalised(w: Any, q: QArray) -> np.ndarray:
 def histograms(
   weights: dict[str, Any] | None, params_q: Any, paths: Sequence[str]
 ) -> tuple[Histogram, ...]:
-  """Normalised weights (decoded ones without floats) and the levels of each layer."""
-  q = pqjax.quantized_leaves(params_q)
+  """Normalised weights (decoded ones without floats) and the levels of each layer.
+
+  ``paths`` name single layers (see :func:`sample`).
+  """
   out = []
-  for p in paths:
-    w = weights[p] if weights is not None else q[p].dequantize()
+  for p, (q, w) in single_layers(params_q, paths, weights).items():
+    w = q.dequantize() if w is None else w
     out.append(
       Histogram(
         path=p,
-        values=normalised(w, q[p]).ravel(),
-        levels=np.asarray(q[p].table),
-        exponent=float(q[p].alpha),
-        bits=q[p].bits,
+        values=normalised(w, q).ravel(),
+        levels=np.asarray(q.table),
+        exponent=float(q.alpha),
+        bits=q.bits,
       )
     )
   return tuple(out)
@@ -207,8 +267,12 @@ def fidelity(
   embedder: Embedder | None = None,
   bits: Sequence[int] = BITS,
   settings: dict[str, dict[str, Any]] | None = None,
+  layer_axes: Any = 0,
 ) -> tuple[Fidelity, ...]:
-  """Each setting at each bit width: relative error, bytes, and embedding cosines."""
+  """Each setting at each bit width: relative error, bytes, and embedding cosines.
+
+  ``layer_axes`` (``quantize``'s option) applies to every setting.
+  """
   settings = SETTINGS if settings is None else settings
   done: dict[tuple[int, str], Fidelity] = {}
   rows = []
@@ -218,7 +282,7 @@ def fidelity(
       # before the library grew other ones) are measured once.
       key = (b, json.dumps(options, sort_keys=True))
       if key not in done:
-        params_q, _ = quantize(params, b, **options)
+        params_q, _ = quantize(params, b, layer_axes=layer_axes, **options)
         cos = (
           None
           if embedder is None
@@ -234,6 +298,14 @@ def fidelity(
         )
       rows.append(dataclasses.replace(done[key], setting=name))
   return tuple(rows)
+
+
+def layer_axes_of(params_q: Any) -> Any:
+  """``quantize``'s ``layer_axes`` that gave ``params_q``'s stacked leaves (0 if none)."""
+  axes = {p: x.layer_axes for p, x in pqjax.quantized_leaves(params_q).items()}
+  if not any(axes.values()):
+    return 0
+  return lambda path, leaf: axes.get(path, 0)
 
 
 def build(
@@ -269,7 +341,7 @@ def build(
       ' need them; the histograms show the decoded weights.'
     )
   elif options is None:
-    options = options_of(q[paths[0]]) if paths else {}
+    options = options_of(single_layers(params_q, paths[:1])[paths[0]][0]) if paths else {}
   return Report(
     title=title,
     layers=layers(params_q, weights),
@@ -278,7 +350,9 @@ def build(
     if weights is None
     else error_curves(weights, params_q, paths, options, points),
     histograms=histograms(weights, params_q, paths),
-    fidelity=() if params is None else fidelity(params, embedder, bits),
+    fidelity=()
+    if params is None
+    else fidelity(params, embedder, bits, layer_axes=layer_axes_of(params_q)),
     float_nbytes=None if params is None else pqjax.nbytes(params),
     sentences=0 if embedder is None else embedder.sentences,
     notes=tuple(notes),
@@ -342,6 +416,14 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
   return 'x'.join(map(str, shape)) or '()'
 
 
+def _fmt_exponent(x: pqjax.LeafSummary) -> str:
+  """The exponent; for a leaf with stacked layers, their range ``min..max``."""
+  if not x.layers:
+    return f'{x.exponent:.4f}'
+  lo, hi = x.exponent_range
+  return f'{lo:.4f}..{hi:.4f}'
+
+
 LAYER_COLUMNS = (
   'layer',
   'shape',
@@ -360,7 +442,7 @@ def layer_cells(layer: Layer) -> tuple[str, ...]:
     x.path,
     _fmt_shape(x.shape),
     str(x.bits),
-    f'{x.exponent:.4f}',
+    _fmt_exponent(x),
     _fmt_error(layer.error),
     f'{x.bytes_before:,}',
     f'{x.bytes_after:,}',

@@ -41,3 +41,23 @@ def test_compilations_are_bounded_by_shapes():
   many = _count_compiles(lambda: pqjax.quantize(_tree(10, shapes2), 4))
   assert many <= few + 5 * 2, (few, many)  # stacking 10 layers adds at most a few
   assert many <= 12 * len(shapes), many
+
+
+def test_stacked_layers_compile_as_their_shapes():
+  rng = np.random.default_rng(1)
+
+  def stacks(layers, shapes):
+    return {
+      str(i): rng.standard_normal((layers, *s)).astype(np.float32)
+      for i, s in enumerate(shapes)
+    }
+
+  # Shapes no other test uses; each stack joins its shape's group.
+  shapes = [(29, 7), (31, 9), (33, 5)]
+  few = _count_compiles(lambda: pqjax.quantize(stacks(3, shapes), 4, layer_axes=1))
+  shapes2 = [(s[0] + 2, s[1]) for s in shapes]
+  many = _count_compiles(lambda: pqjax.quantize(stacks(41, shapes2), 4, layer_axes=1))
+  # 41 layers a leaf compile like 3: a few small programs depend on the number of
+  # layers (their exponents, tables), none on each layer.
+  assert many <= few + 2 * len(shapes), (few, many)
+  assert many <= 12 * len(shapes), many

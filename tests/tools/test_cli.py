@@ -171,6 +171,52 @@ def test_grid_and_clip_flags(inputs, params):
     np.testing.assert_array_equal(got.scale, want.scale)
 
 
+def test_layer_axes_flag(tmp_path, capsys):
+  rng = np.random.default_rng(1)
+  scale = (1.5 ** np.arange(4, dtype=np.float32))[:, None, None]
+  params = {
+    'layers': {
+      'kernel': rng.standard_normal((4, 32, 16)).astype(np.float32) * scale,
+      'bias': rng.standard_normal((4, 16)).astype(np.float32),
+    },
+    'embed': rng.standard_normal((24, 16)).astype(np.float32),
+  }
+  pqjax.save_safetensors(tmp_path / 'f.safetensors', params)
+  out = tmp_path / 'q.safetensors'
+  argv = ['quantize', str(tmp_path / 'f.safetensors'), str(out), '--layer-axes', '1']
+  assert main(argv) == 0
+  printed = capsys.readouterr().out
+  loaded = pqjax.load_safetensors(out)
+  # Only leaves with room for a (K, N) layer are stacks; the others stay whole.
+  axes = {'layers/kernel': 1}
+  want, alphas = pqjax.quantize(
+    params, 4, layer_axes=lambda path, leaf: axes.get(path, 0)
+  )
+  assert alphas['layers']['kernel'].shape == (4,)
+  for got, ref in [
+    (loaded['layers']['kernel'], want['layers']['kernel']),
+    (loaded['layers']['bias'], want['layers']['bias']),
+    (loaded['embed'], want['embed']),
+  ]:
+    assert got.layer_axes == ref.layer_axes
+    for f in ('codes', 'scale', 'alpha', 'table'):
+      np.testing.assert_array_equal(np.asarray(getattr(got, f)), getattr(ref, f))
+  assert loaded['layers']['kernel'].layer_axes == 1
+  assert main(['info', str(out)]) == 0
+  info = capsys.readouterr().out
+  assert info.strip() == str(pqjax.summary(loaded))
+  assert info.splitlines()[0].split()[2] == 'layers'
+  (row,) = [x.split() for x in info.splitlines() if x.startswith('layers/kernel ')]
+  lo, hi = np.min(alphas['layers']['kernel']), np.max(alphas['layers']['kernel'])
+  assert row[2] == '4' and row[6] == f'{lo:.4f}..{hi:.4f}'
+  assert info.strip() in printed
+  for bad in ('-1', 'x', '1.5'):
+    with pytest.raises(SystemExit) as e:
+      main([*argv[:-1], bad])
+    assert e.value.code == 2
+    assert 'must be a non-negative integer' in capsys.readouterr().err
+
+
 def test_force(inputs, capsys):
   out = inputs / 'q.safetensors'
   argv = ['quantize', str(inputs / 'p.msgpack'), str(out), '--bits', '2']

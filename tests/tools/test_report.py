@@ -225,6 +225,72 @@ def test_error_curves_match_numpy(small):
     assert c.chosen_error <= c.errors.min() * (1 + 1e-4)
 
 
+@pytest.fixture
+def stacked(tmp_path):
+  rng = np.random.default_rng(1)
+  spread = (2.0 ** np.arange(3, dtype=np.float32))[:, None, None]
+  params = {
+    'scan': {'kernel': rng.laplace(size=(3, 48, 24)).astype(np.float32) ** 3 * spread},
+    'head': rng.standard_normal((24, 8)).astype(np.float32),
+    'embed': rng.standard_normal((16, 24)).astype(np.float32),
+  }
+  axes = lambda path, leaf: 1 if path == 'scan/kernel' else 0
+  return params, axes, tmp_path
+
+
+def test_stacked_layers_are_sampled_one_by_one(stacked):
+  params, axes, _ = stacked
+  params_q, alphas = pqjax.quantize(
+    params, 4, layer_axes=axes, **report.SETTINGS['paper']
+  )
+  names = report.sample(params_q, n=10)
+  layers = ['scan/kernel[0]', 'scan/kernel[1]', 'scan/kernel[2]']
+  assert sorted(names) == ['embed', 'head', *layers]
+  options = {k: v for k, v in report.SETTINGS['paper'].items() if k != 'exponent'}
+  weights = {'scan/kernel': params['scan']['kernel']}
+  picked = ['scan/kernel[0]', 'scan/kernel[2]']
+  curves = report.error_curves(weights, params_q, picked, options, points=7)
+  for c, i in zip(curves, (0, 2)):
+    w = params['scan']['kernel'][i]
+    for a, e in zip(c.exponents, c.errors):
+      want = reference.power_error(w, a, 4) / float(np.sum(w.astype(np.float64) ** 2))
+      assert e == pytest.approx(want, rel=1e-4)
+    assert c.path == picked[i // 2] and c.chosen == float(alphas['scan']['kernel'][i])
+    assert c.chosen_error <= c.errors.min() * (1 + 1e-4)
+  (h,) = report.histograms(weights, params_q, ['scan/kernel[1]'])
+  w = params['scan']['kernel'][1]
+  np.testing.assert_allclose(
+    h.values, (w / np.abs(w).max(axis=0, keepdims=True)).ravel(), rtol=1e-6
+  )
+  assert h.exponent == float(alphas['scan']['kernel'][1]) and h.levels.shape == (15,)
+
+
+def test_checkpoint_report_on_stacked_layers(stacked, capsys, monkeypatch):
+  params, axes, tmp = stacked
+  monkeypatch.setenv('COLUMNS', '200')
+  params_q, alphas = pqjax.quantize(params, 4, layer_axes=axes)
+  pqjax.save_safetensors(tmp / 'q.safetensors', params_q)
+  pqjax.save_safetensors(tmp / 'f.safetensors', params)
+  out, bare = tmp / 'rep', tmp / 'bare'
+  argv = ['report', str(tmp / 'q.safetensors'), '--fidelity-bits', '4', '--out']
+  assert cli.main([*argv, str(out), '--float', str(tmp / 'f.safetensors')]) == 0
+  assert cli.main([*argv, str(bare)]) == 0
+  for name in PNGS:
+    check_png(out / name)
+  assert sorted(p.name for p in bare.glob('*.png')) == ['exponents.png', 'histograms.png']
+  a = alphas['scan']['kernel']
+  for folder in (out, bare):
+    rows = {r[0]: r for r in markdown_rows((folder / 'report.md').read_text(), 'layer')}
+    assert rows['scan/kernel'][3] == f'{a.min():.4f}..{a.max():.4f}'
+    assert rows['head'][3] == f'{alphas["head"]:.4f}'
+  # The stacked leaf's error is over all its layers.
+  rows = {r[0]: r for r in markdown_rows((out / 'report.md').read_text(), 'layer')}
+  want = numpy_error(params['scan']['kernel'], params_q['scan']['kernel'])
+  assert float(rows['scan/kernel'][4]) == pytest.approx(want, rel=2e-3)
+  text = capsys.readouterr().out
+  assert text.count(f'{a.min():.4f}..{a.max():.4f}') == 2
+
+
 def test_missing_extra_is_one_line(monkeypatch, capsys):
   import builtins
 

@@ -115,7 +115,8 @@ def _spec_difference(
       if x != y:
         return _spec_difference(x, y, (*path, make(k)))
     return where
-  if kind == 'qarray' and all(a.get(k) == b.get(k) for k in ('bits', 'shape', 'dtype')):
+  meta = ('bits', 'shape', 'dtype', 'layer_axes')
+  if kind == 'qarray' and all(a.get(k) == b.get(k) for k in meta):
     a, b = a['fields'], b['fields']
   diff = [
     f'{k} {a.get(k)!r} vs {b.get(k)!r}'

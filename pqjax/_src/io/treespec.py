@@ -4,8 +4,10 @@ A quantized tree is saved as plain tensors plus JSON metadata that rebuilds it
 exactly. Each array leaf is one tensor named by its path (``encoder/0/bias``); each
 :class:`QArray` is four: ``<path>.codes``, ``.scale``, ``.alpha`` and ``.table``. The
 metadata records the format name, a format version, the tree (dicts, lists, tuples,
-None) with every leaf's shape and dtype and every QArray's bits, and a SHA-256 over
-the metadata and the tensor bytes, so corruption anywhere is caught on load.
+None) with every leaf's shape and dtype and every QArray's bits and layer axes, and a
+SHA-256 over the metadata and the tensor bytes, so corruption anywhere is caught on
+load. Layer axes are recorded only where a QArray has some, so a QArray recorded
+without them (as every one was before they existed) has none.
 """
 
 from __future__ import annotations
@@ -102,11 +104,15 @@ def _encode(node: Any, path: tuple[Any, ...], flat: _Flat) -> dict[str, Any]:
     return {'type': 'none'}
   if isinstance(node, QArray):
     fields = {f: flat.add(f'{path_str(path)}.{f}', getattr(node, f)) for f in DATA_FIELDS}
+    # Recorded only where there are layer axes: a tree without any is written as
+    # before they existed, and an Orbax target matches either.
+    layers = {'layer_axes': node.layer_axes} if node.layer_axes else {}
     return {
       'type': 'qarray',
       'bits': node.bits,
       'shape': list(node.shape),
       'dtype': dtype_name(node.dtype),
+      **layers,
       'fields': fields,
     }
   if type(node) is dict or _is_frozen_dict(node):
@@ -202,12 +208,16 @@ def _decode(
     bits = spec['bits']
     if type(bits) is not int or not grid.MIN_BITS <= bits <= grid.MAX_BITS:
       raise ValueError(f'bad bits {bits!r}')
+    layer_axes = spec.get('layer_axes', 0)
+    if type(layer_axes) is not int or layer_axes < 0:
+      raise ValueError(f'bad layer_axes {layer_axes!r}')
     fields = {f: convert(_tensor(spec['fields'][f], tensors, used)) for f in DATA_FIELDS}
     return QArray(
       **fields,
       bits=bits,
       shape=tuple(int(d) for d in spec['shape']),
       dtype=parse_dtype(spec['dtype']),
+      layer_axes=layer_axes,
     )
   raise ValueError(f'unknown node type {kind!r}')
 

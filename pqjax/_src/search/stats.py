@@ -84,7 +84,10 @@ def prepare_stack(ws: jax.Array, nk: int, ncol: int) -> tuple[jax.Array, jax.Arr
 
 
 def stack(leaves: Sequence[jax.Array], k: int, n: int) -> jax.Array:
-  return jnp.stack([jnp.asarray(w).astype(jnp.float32).reshape(k, n) for w in leaves])
+  """``(L, k, n)`` float32: every layer of ``leaves`` (all layers of a stacked one)."""
+  return jnp.concatenate(
+    [jnp.asarray(w).astype(jnp.float32).reshape(-1, k, n) for w in leaves]
+  )
 
 
 # statistics and encoding (one pass over the weights each) are compiled per shape,
