@@ -133,6 +133,11 @@ def quantize_input(
   """The activation operand of a quantized product, quantized if ``config`` asks."""
   if config is None:
     return x
-  a = alpha if config.exponent is None else config.exponent
+  if config.exponent is not None:
+    a = config.exponent
+  else:
+    # A stacked weight used whole (outside a scan over its layers) has one exponent
+    # per layer; its activation takes their mean.
+    a = alpha if not jnp.ndim(alpha) else jnp.mean(alpha)
   axes = None if config.granularity == 'tensor' else token_axes(eqn, operand)
   return fake_quantize(x, a, config.bits, axes)
