@@ -133,6 +133,7 @@ def quantize_input(
   """The activation operand of a quantized product, quantized if ``config`` asks."""
   if config is None:
     return x
+  a: jax.Array | float
   if config.exponent is not None:
     a = config.exponent
   else:
