@@ -143,14 +143,17 @@ def test_wrapped_apply_on_sharded_params_and_inputs():
     'w2': jax.device_put(params['w2'], NamedSharding(mesh, P('y', None))),
   }
   params_q, _ = pqjax.quantize(sharded, 4)
-  xs = jax.device_put(x, NamedSharding(mesh, P('x', None)))
-  fn = jax.jit(pqjax.wrap(apply))
-  want = np.asarray(fn(ref_q, x))
-  got = fn(params_q, xs)
-  # The decoded weights are identical; the sharded product sums in another order.
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-  ref_float = apply(pqjax.dequantize(ref_q), x)
-  np.testing.assert_allclose(want, np.asarray(ref_float), rtol=1e-5, atol=1e-5)
+  for rows in (16, 1):  # the decode path, and the codes read inside the product
+    xs = jax.device_put(x[:rows], NamedSharding(mesh, P('x' if rows > 1 else None, None)))
+    for act_bits in (None, 8):
+      fn = jax.jit(pqjax.wrap(apply, act_bits=act_bits))
+      want = np.asarray(fn(ref_q, x[:rows]))
+      got = fn(params_q, xs)
+      # The decoded weights are identical; the sharded product sums in another order.
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    ref_float = apply(pqjax.dequantize(ref_q), x[:rows])
+    want = np.asarray(jax.jit(pqjax.wrap(apply))(ref_q, x[:rows]))
+    np.testing.assert_allclose(want, np.asarray(ref_float), rtol=1e-5, atol=1e-5)
 
 
 def _collectives(hlo):
