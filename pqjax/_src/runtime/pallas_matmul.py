@@ -115,14 +115,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pqjax._src.core.grid import MAX_BITS, MIN_BITS
+from pqjax._src.core.packing import codes_per_unit, packed_rows
+
 Method = Literal['auto', 'dot', 'gemv']
 Lookup = Literal['gather', 'select']
 ScaleMode = Literal['end', 'tile', 'element']
 # A Pallas memory reference (a kernel argument, or a view of one).
 Ref = Any
 
-MIN_BITS = 2
-MAX_BITS = 8
 # Codes of up to this many bits may be looked up with a tree of selects.
 SELECT_MAX_BITS = 4
 # Triton's tl.dot needs every dimension to be at least 16.
@@ -131,21 +132,6 @@ DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 # Streaming multiprocessors of an H100 SXM; split-K aims at a few programs each.
 GPU_SMS = 132
 TARGET_PROGRAMS = 4 * GPU_SMS
-
-
-def unit(bits: int) -> tuple[int, int]:
-  """``(codes, bytes)`` of one packing unit along K."""
-  if bits == 3:
-    return 8, 3
-  if bits in (2, 4):
-    return 8 // bits, 1
-  return 1, 1
-
-
-def packed_rows(k: int, bits: int) -> int:
-  """Rows of the packed code array for ``k`` rows of codes."""
-  codes, nbytes = unit(bits)
-  return -(-k // codes) * nbytes
 
 
 def _pow2(v: int) -> bool:
@@ -300,7 +286,7 @@ def choose_tiling(
   Returns:
     The :class:`Tiling`.
   """
-  u, _ = unit(bits)
+  u, _ = codes_per_unit(bits)
   if method == 'auto':
     method = 'gemv' if m == 1 else 'dot'
   if method not in ('dot', 'gemv'):
@@ -400,7 +386,7 @@ class _Plan:
   @property
   def units(self) -> int:
     """Units of K a tile holds."""
-    return self.tiling.block_k // unit(self.bits)[0]
+    return self.tiling.block_k // codes_per_unit(self.bits)[0]
 
   @property
   def group_rows(self) -> int:
@@ -448,7 +434,7 @@ def _kernel(
   x_ref: Ref, codes_ref: Ref, scale_ref: Ref, table_ref: Ref, o_ref: Ref, *, p: _Plan
 ) -> None:
   t_ = p.tiling
-  u, nbytes = unit(p.bits)
+  u, nbytes = codes_per_unit(p.bits)
   nu = p.units
   gemv = t_.method == 'gemv'
   signed = p.bits > 4

@@ -42,8 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-MIN_BITS = 2
-MAX_BITS = 8
+from pqjax._src.core.grid import MAX_BITS, MIN_BITS
+from pqjax._src.core.packing import codes_per_unit, packed_rows
+
 # Up to this width a level is chosen by selects on the code's bits: 2 ** bits - 1
 # vector selects a code are cheaper than a table gather, which XLA:CPU emits as
 # scalar loads (4096 x 4096, 4 bits, one row: 4.2 against 6.4 ms).
@@ -67,21 +68,6 @@ MIN_BLOCK_ROWS = 32
 MAX_UNROLL = 32
 # Rows of K summed in one step of the one-row form, at least.
 MIN_STEP_ROWS = 32
-
-
-def codes_per_unit(bits: int) -> tuple[int, int]:
-  """``(codes, bytes)`` of one packing unit along K (as ``power.codes_per_unit``)."""
-  if bits == 3:
-    return 8, 3
-  if bits in (2, 4):
-    return 8 // bits, 1
-  return 1, 1
-
-
-def packed_rows(k: int, bits: int) -> int:
-  """Rows of the packed code array for ``k`` rows of codes."""
-  codes, nbytes = codes_per_unit(bits)
-  return -(-k // codes) * nbytes
 
 
 def prefers_packed_product(rows: int, *, bits: int, k: int, n: int) -> bool:
