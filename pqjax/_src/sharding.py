@@ -179,7 +179,10 @@ def group_stats(
     if ncol == 1 and layout.naxes:
       m = jax.lax.pmax(m, layout.naxes)
     xs = operator.divide(w3, m)  # as stats.prepare
-    sums = stats.tile_stats(xs, m, tkl, tnl, bins, fold=False)
+    # As stats.group_stats: blocks weighed by their scales over the layer's largest.
+    largest = jax.lax.pmax(jnp.max(m.reshape(m.shape[0], -1), axis=1), every)
+    weight = stats.normalise(m, stats.scale_exponent(largest))
+    sums = stats.tile_stats(xs, weight, tkl, tnl, bins, fold=False)
     sums = sums.reshape(len(ws), 1, tkl, tnl, *sums.shape[2:])
     return bad, m, _reduce(sums, every, kx, nx)
 
