@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -127,10 +128,26 @@ class Encoded(NamedTuple):
 # --- 1. select ----------------------------------------------------------------------
 
 
+def _check_concrete(name: str, leaf: Any) -> None:
+  """TypeError unless ``leaf`` holds values: quantize reads them on the host."""
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    raise TypeError(
+      f'{name}: a jax.ShapeDtypeStruct has a shape and dtype but no values;'
+      ' quantize needs concrete arrays'
+    )
+  if isinstance(leaf, jax.core.Tracer):
+    raise TypeError(
+      f'{name}: got a traced value ({type(leaf).__name__}): quantize runs eagerly on'
+      ' concrete arrays, so call it outside jax.jit, vmap, grad and eval_shape and'
+      ' pass its result to the transformed function'
+    )
+
+
 def select(flat: Sequence[tuple[Any, Any]], options: QuantizeOptions) -> list[Leaf]:
   """The leaves to quantize, in tree order, with their layer axes.
 
   TypeError for a non-float forced in; ValueError for layer axes that do not fit.
+  Leaves with no elements hold no weights: they stay as they are.
   """
   chosen = []
   for i, (path, leaf) in enumerate(flat):
@@ -143,6 +160,9 @@ def select(flat: Sequence[tuple[Any, Any]], options: QuantizeOptions) -> list[Le
     elif not is_float_array(leaf):
       kind = getattr(leaf, 'dtype', type(leaf).__name__)
       raise TypeError(f'{name}: only floating arrays can be quantized, got {kind}')
+    if 0 in tuple(leaf.shape):
+      continue
+    _check_concrete(name, leaf)
     chosen.append(Leaf(i, name, leaf, leaf_layer_axes(options.layer_axes, name, leaf)))
   return chosen
 
@@ -219,10 +239,14 @@ def search(
     return alphas, clips
   # The search runs on one device, from the statistics of every shard: its result
   # is the same as for unsharded leaves, bit for bit.
+  exponents = np.concatenate(
+    [stats.layer_exponent(np.asarray(sharding.gather(s.absmax)), np) for s in group_stats]
+  )
   alphas, clips = fit.search_stats(
     jnp.concatenate([sharding.gather(s.stats) for s in group_stats]),
     alphas,
     clips,
+    exponents,
     bits=options.bits,
     grid=options.grid,
     plan=plan,
@@ -346,6 +370,25 @@ def encode(
   return out
 
 
+def flushed(
+  groups: Sequence[Group], group_stats: Sequence[GroupStats], encoded: Sequence[Encoded]
+) -> list[str]:
+  """Leaves with nonzero blocks that decode to zeros, each with how many blocks.
+
+  XLA treats float32 subnormals (below 1.2e-38) as zeros, so a block whose weights
+  are all subnormal, or whose scale becomes one, can only decode to zeros.
+  """
+  out = []
+  for g, s, e in zip(groups, group_stats, encoded):
+    absmax = np.asarray(sharding.gather(s.absmax)).reshape(len(g.leaves), -1)
+    for j, leaf in enumerate(g.leaves):
+      scale = np.asarray(sharding.gather(e.scales[j])).reshape(-1)
+      lost = int(np.sum((absmax[j] > 0) & (scale == 0)))
+      if lost:
+        out.append(f'{leaf.path} ({lost} of {scale.size} blocks)')
+  return out
+
+
 # --- 6. assemble --------------------------------------------------------------------
 
 
@@ -461,20 +504,35 @@ def quantize(params: Any, bits: int = 4, **options: Any) -> tuple[Any, Any]:
     ``(params_q, alphas)``: ``params`` with each selected leaf replaced by a
     :class:`QArray`, and a tree of the same structure holding each quantized leaf's
     exponent (a float, or a float32 array of shape ``leaf.shape[:layer_axes]`` for
-    a leaf with layer axes) and None elsewhere.
+    a leaf with layer axes) and None elsewhere. Leaves with no elements (a 0 in
+    their shape) hold no weights and stay as they are.
 
   Raises:
     ValueError: an option is invalid, a selected leaf holds NaN or Inf, or its
       layer axes leave fewer than 2 axes per layer.
-    TypeError: the filter forces a non-float leaf in, or an option has a wrong type.
+    TypeError: the filter forces a non-float leaf in, an option has a wrong type,
+      or a selected leaf has no values: a ``jax.ShapeDtypeStruct``, or a tracer
+      (quantize runs eagerly, not under ``jax.jit``, ``vmap``, ``grad`` or
+      ``eval_shape``).
   """
   opts = QuantizeOptions(bits=bits, **options)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   groups = group(select(flat, opts), opts)
-  bar = _progress_bar(2 * sum(g.weights for g in groups), opts.progress)
-  group_stats = statistics(groups, opts.search_config, bar)
-  alphas, clips = search(groups, group_stats, opts)
-  encoded = encode(groups, group_stats, alphas, clips, opts, bar)
-  if bar is not None:
-    bar.close()
-  return assemble(flat, treedef, groups, encoded, alphas, opts)
+  # Every program runs in 32 bits whatever jax_enable_x64 says, so results do not
+  # depend on it.
+  with jax.enable_x64(False):
+    bar = _progress_bar(2 * sum(g.weights for g in groups), opts.progress)
+    group_stats = statistics(groups, opts.search_config, bar)
+    alphas, clips = search(groups, group_stats, opts)
+    encoded = encode(groups, group_stats, alphas, clips, opts, bar)
+    if bar is not None:
+      bar.close()
+    zeros = flushed(groups, group_stats, encoded)
+    result = assemble(flat, treedef, groups, encoded, alphas, opts)
+  if zeros:
+    warnings.warn(
+      "pqjax.quantize: blocks of weights all below float32's smallest normal number"
+      ' (1.2e-38), which XLA treats as zero, decode to zeros: ' + ', '.join(zeros),
+      stacklevel=2,
+    )
+  return result

@@ -206,14 +206,19 @@ def group_stats(
     if ncol == 1 and layout.naxes:
       m = jax.lax.pmax(m, layout.naxes)
     xs = operator.divide(w3, m)  # as stats.prepare
+    # As stats.group_stats: blocks weighed by their scales over the layer's largest.
+    largest = jnp.max(m.reshape(m.shape[0], -1), axis=1)
+    if every:
+      largest = jax.lax.pmax(largest, every)
+    weight = stats.normalise(m, stats.scale_exponent(largest))
     if every:
       bad = jax.lax.psum(bad, every)
-      sums = stats.tile_stats(xs, m, tkl, tnl, bins, fold=False)
+      sums = stats.tile_stats(xs, weight, tkl, tnl, bins, fold=False)
       sums = sums.reshape(xs.shape[0], 1, tkl, tnl, *sums.shape[2:])
       binned = _reduce(sums, every, kx, nx)
     else:
       # Only layers are sharded: each device holds whole layers, as one device does.
-      binned = stats.tile_stats(xs, m, tk, tn, bins, fold=True)
+      binned = stats.tile_stats(xs, weight, tk, tn, bins, fold=True)
     shapes = _layers(ws, layout)
     return tuple(tuple(encoding.split_layers(x, shapes)) for x in (bad, m, binned))
 

@@ -7,7 +7,6 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pqjax._src.core.blocks import matrix_shape
@@ -41,15 +40,13 @@ def relative_error(params: Any, params_q: Any) -> float:
   ]
   if not pairs:
     return 0.0
-  num = sum(
-    float(
-      jnp.sum(
-        jnp.square(jnp.asarray(w, jnp.float32) - q.dequantize().astype(jnp.float32))
-      )
-    )
-    for w, q in pairs
-  )
-  den = sum(float(jnp.sum(jnp.square(jnp.asarray(w, jnp.float32)))) for w, _ in pairs)
+  num = den = 0.0
+  for w, q in pairs:
+    # In float64 on the host: float32 squares overflow for weights beyond about
+    # 1e19 and vanish below 1e-19, and the result must not depend on the scale.
+    w64 = np.asarray(w, np.float64)
+    num += float(np.sum(np.square(w64 - np.asarray(q.dequantize(), np.float64))))
+    den += float(np.sum(np.square(w64)))
   return num / den if den else 0.0
 
 

@@ -208,14 +208,13 @@ def test_existing_output_needs_overwrite(tmp_path, tree):
 
 def test_failed_writes_leave_nothing(tmp_path, tree, monkeypatch):
   import orbax.checkpoint as ocp
-  import safetensors.numpy
 
-  def broken_save_file(tensors, filename, metadata=None):
-    with open(filename, 'wb') as f:
-      f.write(b'partial')
+  from pqjax._src.io import atomic
+
+  def broken_fsync(path):  # the data is written, then the disk fills up
     raise OSError('disk full')
 
-  monkeypatch.setattr(safetensors.numpy, 'save_file', broken_save_file)
+  monkeypatch.setattr(atomic, 'fsync', broken_fsync)
   with pytest.raises(OSError, match='disk full'):
     pqjax.save_safetensors(tmp_path / 'q.safetensors', tree)
   assert os.listdir(tmp_path) == []

@@ -75,9 +75,14 @@ def block_view(w: jax.Array, nk: int) -> jax.Array:
 
 
 def block_absmax(w3: jax.Array, ncol: int) -> jax.Array:
-  """Absolute maximum of each block, shape ``(nk, 1, ncol)``, in float32."""
-  a = jnp.abs(w3.astype(jnp.float32))
+  """Absolute maximum of each block, shape ``(nk, 1, ncol)``, in float32.
+
+  Taken on the bit patterns, whose integer order is the order of non-negative
+  floats (NaN above Inf): XLA compares subnormal floats as zeros, and a block of
+  subnormal weights must keep a nonzero maximum to be told from an all-zero one.
+  """
+  a = jax.lax.bitcast_convert_type(jnp.abs(w3.astype(jnp.float32)), jnp.int32)
   m = jnp.max(a, axis=1, keepdims=True)
   if ncol == 1:
     m = jnp.max(m, axis=2, keepdims=True)
-  return m
+  return jax.lax.bitcast_convert_type(m, jnp.float32)

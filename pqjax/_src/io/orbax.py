@@ -18,6 +18,7 @@ import numpy as np
 from pqjax._src.core.leaves import path_str
 from pqjax._src.io import atomic
 from pqjax._src.io.treespec import (
+  FORMAT,
   CheckpointError,
   PathLike,
   as_jax,
@@ -48,7 +49,21 @@ def save(directory: PathLike, tree: Any, *, overwrite: bool = False) -> None:
     (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1))
     atomic.fsync(tmp / METADATA_FILE)
 
-  atomic.atomic_write(directory, write, overwrite)
+  atomic.atomic_write(directory, write, overwrite, is_checkpoint)
+
+
+def is_checkpoint(directory: Path) -> bool:
+  """Whether ``directory`` holds a pqjax Orbax checkpoint and nothing else."""
+  try:
+    names = set(os.listdir(directory))
+    meta = json.loads((directory / METADATA_FILE).read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    return False
+  return (
+    isinstance(meta, dict)
+    and meta.get('format') == FORMAT
+    and names <= {METADATA_FILE, ARRAYS_DIR}
+  )
 
 
 def _read_json(path: Path, where: Path) -> Any:

@@ -13,6 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import jax
+import numpy as np
+
+from pqjax._src.core.leaves import is_array, path_str
 from pqjax._src.core.qarray import contains_qarray
 from pqjax._src.io import msgpack, orbax, safetensors
 from pqjax._src.io.treespec import CheckpointError, PathLike
@@ -103,7 +107,27 @@ def load_float(path: PathLike) -> Any:
   tree = fmt.read_float(path)
   if contains_qarray(tree):
     raise CheckpointError(f'{path}: already quantized (it holds QArray leaves)')
-  return tree
+  return _arrays_only(tree, path)
+
+
+def _arrays_only(tree: Any, where: Path) -> Any:
+  """``tree`` with Python numbers as 0-d arrays; CheckpointError for other leaves.
+
+  A parameter tree holds arrays: a string (which msgpack and Orbax can store)
+  could be neither quantized nor saved, so it is refused here, by its path.
+  """
+
+  def one(path: Any, x: Any) -> Any:
+    if is_array(x):
+      return x
+    if isinstance(x, (bool, int, float, complex)):
+      return np.asarray(x)
+    raise CheckpointError(
+      f'{where}: {path_str(path)} is a {type(x).__name__} ({x!r:.40}), not an array;'
+      ' pqjax reads trees of arrays'
+    )
+
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def load(path: PathLike) -> Any:

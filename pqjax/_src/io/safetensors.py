@@ -7,13 +7,14 @@ names such as ``encoder.layer.0.weight`` become nested dicts.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from pqjax._src.io import atomic
+from pqjax._src.io import atomic, orbax
 from pqjax._src.io.treespec import (
   FORMAT,
   CheckpointError,
@@ -47,19 +48,55 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_DTYPE_NAMES = {np.dtype(t): name for name, t in _SAFETENSORS_DTYPES.items()}
+
+
+def _layout(
+  tensors: dict[str, np.ndarray], meta: dict[str, str]
+) -> tuple[bytes, list[str]]:
+  """The header (its length field included) and the order of the tensors' data.
+
+  Written here rather than by the safetensors package, whose header order varies
+  from one save to the next: the same tree gives the same bytes. Tensors are laid
+  out by decreasing item size, then by name, so each starts at a multiple of its
+  item size; the header is padded with spaces to a multiple of 8 bytes.
+  """
+  order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
+  header: dict[str, Any] = {'__metadata__': dict(sorted(meta.items()))}
+  offset = 0
+  for name in order:
+    x = tensors[name]
+    dtype = _DTYPE_NAMES.get(np.dtype(x.dtype))
+    if dtype is None:
+      raise TypeError(f'{name}: arrays of dtype {x.dtype} cannot be saved in safetensors')
+    header[name] = {
+      'dtype': dtype,
+      'shape': list(x.shape),
+      'data_offsets': [offset, offset + x.nbytes],
+    }
+    offset += x.nbytes
+  text = json.dumps(header, separators=(',', ':')).encode()
+  text += b' ' * (-len(text) % 8)
+  return len(text).to_bytes(8, 'little') + text, order
+
+
 def save(path: PathLike, tree: Any, *, overwrite: bool = False) -> None:
   """Saves a (quantized) tree to one safetensors file; see the module docstring."""
-  from safetensors.numpy import save_file
-
   spec, tensors = flatten(tree)
   tensors = host(tensors)
   meta = metadata(json.dumps(spec, separators=(',', ':')), tensors)
+  head, order = _layout(tensors, meta)
 
   def write(tmp: Path) -> None:
-    save_file(tensors, tmp, metadata=meta)
+    with open(tmp, 'wb') as f:
+      f.write(head)
+      for name in order:
+        x = tensors[name]
+        x = x.byteswap() if sys.byteorder == 'big' else x  # safetensors: little-endian
+        f.write(x.reshape(-1).view(np.uint8).data)
     atomic.fsync(tmp)
 
-  atomic.atomic_write(path, write, overwrite)
+  atomic.atomic_write(path, write, overwrite, orbax.is_checkpoint)
 
 
 def _header(data: bytes, where: Path) -> dict[str, Any]:

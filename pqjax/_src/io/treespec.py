@@ -133,12 +133,19 @@ def _encode(node: Any, path: tuple[Any, ...], flat: _Flat) -> dict[str, Any]:
       ],
     }
   if is_array(node):
+    if jax.dtypes.issubdtype(node.dtype, jax.dtypes.prng_key):
+      raise TypeError(
+        f'{path_str(path)}: a typed PRNG key array ({node.dtype}) cannot be saved;'
+        ' save jax.random.key_data(key) instead, or leave the random state out'
+      )
     if np.dtype(node.dtype).kind not in 'biufcV':
       raise TypeError(f'{path_str(path)}: arrays of dtype {node.dtype} cannot be saved')
     return {'type': 'array', **flat.add(path_str(path), node)}
+  # An nnx.State converts to plain dicts.
+  hint = '; convert it with nnx.to_pure_dict' if hasattr(node, 'to_pure_dict') else ''
   raise TypeError(
     f'{path_str(path)}: cannot save a {type(node).__module__}.{type(node).__name__};'
-    ' checkpoints hold trees of dicts, lists, tuples, None, arrays and QArray'
+    ' checkpoints hold trees of dicts, lists, tuples, None, arrays and QArray' + hint
   )
 
 

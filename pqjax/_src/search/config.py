@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,27 +55,61 @@ class SearchConfig:
   block_clips: int = 9
   block_clip_width: float = 0.2
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    for name in _FLOATS:
+      set_(name, _real(name, getattr(self, name)))
+    for name, least in _INTS.items():
+      set_(name, _count(name, getattr(self, name), least))
     if not 0 < self.lo < self.hi:
       raise ValueError(
-        f'search range must satisfy 0 < lo < hi, got ({self.lo}, {self.hi})'
+        f'SearchConfig: the exponent range must satisfy 0 < lo < hi, got lo={self.lo},'
+        f' hi={self.hi}'
       )
     if not 0 < self.clip_lo < 1:
-      raise ValueError(f'clip_lo must be in (0, 1), got {self.clip_lo}')
-    if (
-      self.grid < 3
-      or self.clip_grid < 2
-      or self.iters < 1
-      or self.clip_iters < 1
-      or self.rounds < 1
-      or self.refine_iters < 0
-      or self.bins < 16
-      or self.block_clips < 1
-    ):
+      raise ValueError(f'SearchConfig: clip_lo must be in (0, 1), got {self.clip_lo}')
+    for name in ('refine_width', 'refine_clip_width', 'block_clip_width'):
+      if getattr(self, name) < 0:
+        raise ValueError(f'SearchConfig: {name} must be >= 0, got {getattr(self, name)}')
+    # The grid scores bins up to 256 times wider, whole groups of fine bins.
+    if self.bins > 256 and self.bins % 256:
       raise ValueError(
-        f'grid must be >= 3, clip_grid >= 2, iters, clip_iters, rounds and'
-        f' block_clips >= 1, refine_iters >= 0 and bins >= 16; got {self}'
+        f'SearchConfig: bins must be at most 256 or a multiple of 256, got {self.bins}'
       )
+
+
+# Fields that are finite real numbers, and integer fields with their least value.
+_FLOATS = ('lo', 'hi', 'clip_lo', 'refine_width', 'refine_clip_width', 'block_clip_width')
+_INTS = {
+  'grid': 3,
+  'iters': 1,
+  'clip_grid': 2,
+  'clip_iters': 1,
+  'rounds': 1,
+  'refine_iters': 0,
+  'refine_below': 0,
+  'bins': 16,
+  'block_clips': 1,
+}
+
+
+def _real(name: str, value: object) -> float:
+  """``value`` as a finite float; ValueError naming the field otherwise."""
+  if (
+    isinstance(value, (int, float, np.integer, np.floating))
+    and not isinstance(value, bool)
+    and math.isfinite(value)
+  ):
+    return float(value)
+  raise ValueError(f'SearchConfig: {name} must be a finite number, got {value!r}')
+
+
+def _count(name: str, value: object, least: int) -> int:
+  """``value`` as an int ``>= least``; ValueError naming the field otherwise."""
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if value >= least:
+      return int(value)
+  raise ValueError(f'SearchConfig: {name} must be an integer >= {least}, got {value!r}')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -18,7 +18,15 @@ from pqjax._src.core import operator
 from pqjax._src.search.config import Plan, SearchConfig
 from pqjax._src.search.objective import exact_inputs, stats_error
 from pqjax._src.search.optimiser import alternate, minimise
-from pqjax._src.search.stats import GRID_BINS, coarsen, prepare_stack, stack
+from pqjax._src.search.stats import (
+  GRID_BINS,
+  coarsen,
+  layer_exponent,
+  normalise,
+  prepare_stack,
+  stack,
+  sum_weights,
+)
 
 
 @functools.partial(jax.jit, static_argnames=('bits', 'grid', 'plan', 'config'))
@@ -26,6 +34,7 @@ def search_stats(
   stats: jax.Array,
   alpha: jax.Array,
   clip: jax.Array,
+  exponents: jax.Array,
   *,
   bits: int,
   grid: str,
@@ -35,6 +44,8 @@ def search_stats(
   """Exponent and clip ratio of each layer from binned stats ``(L, 2, bins, 2)``.
 
   ``alpha`` and ``clip`` ``(L,)`` are kept where ``plan`` does not search them.
+  ``exponents`` ``(L,)``: each layer's stats are normalised by ``2 ** (2 e)``
+  (:func:`stats.normalise`), which a shared exponent's summed error undoes.
   """
   coarse = coarsen(stats, max(1, stats.shape[2] // GRID_BINS))
   return minimise(
@@ -44,6 +55,7 @@ def search_stats(
     plan,
     config,
     lambda a, c: stats_error(coarse, a, c, bits, grid),
+    weights=sum_weights(exponents),
   )
 
 
@@ -71,8 +83,12 @@ def refine_layers(
   prepared = [
     prepare_stack(stack(g, k, n), nk, ncol) for g, (k, n, nk, ncol) in zip(groups, views)
   ]
+  exponents = [layer_exponent(scale) for _, scale in prepared]
   err = jax.vmap(functools.partial(operator.block_error, grid=grid))
-  fs = [(exact_inputs(xs, bits, grid), scale) for xs, scale in prepared]
+  fs = [
+    (exact_inputs(xs, bits, grid), normalise(scale, e))
+    for (xs, scale), e in zip(prepared, exponents)
+  ]
   sizes = [xs.shape[0] for xs, _ in prepared]
   offsets = np.cumsum([0] + sizes)
 
@@ -95,4 +111,5 @@ def refine_layers(
     clip_iters=config.refine_iters,
     rounds=1,
     config=config,
+    weights=sum_weights(jnp.concatenate(exponents)),
   )

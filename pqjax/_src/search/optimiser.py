@@ -125,12 +125,14 @@ def alternate(
   clip_iters: int,
   rounds: int,
   config: SearchConfig,
+  weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Alternating golden-section on ``a`` then ``c``, from ``(a, c)``.
 
   Brackets are the current point +- the half-widths, halved each round. Never
   worse than the start. With ``plan.shared`` the exponent steps compare summed
-  errors, so the exponent stays the same for every layer.
+  errors, each layer's times its ``weights`` entry (default 1), so the exponent
+  stays the same for every layer.
   """
   kind, var, half, last = (
     jnp.asarray(x) for x in _schedule(plan, a_half, c_half, iters, clip_iters, rounds)
@@ -139,8 +141,10 @@ def alternate(
     return a, c
   bounds = jnp.array([[config.lo, config.hi], [config.clip_lo, 1.0]], jnp.float32)
 
+  w = jnp.ones_like(a) if weights is None else weights
+
   def score(err, v):
-    return jnp.where(plan.shared & (v == 0), jnp.sum(err), err)
+    return jnp.where(plan.shared & (v == 0), jnp.sum(err * w), err)
 
   def step(s: jax.Array, state: AlternateState) -> AlternateState:
     a, c, e, lo, hi, x1, x2, f1, f2 = state
@@ -211,12 +215,14 @@ def minimise(
   plan: Plan,
   config: SearchConfig,
   f_grid: Objective | None = None,
+  weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Minimises ``f(a, c) -> E`` (all ``(L,)``) from a grid over what ``plan`` varies.
 
   ``f_grid``, a cheaper approximation of ``f`` (default ``f``), scores the grid.
-  Each layer is an independent problem (unless ``plan.shared``), so all of them
-  are solved with the same number of evaluations of ``f``.
+  Each layer is an independent problem (unless ``plan.shared``, whose summed
+  error weighs each layer by ``weights``, default 1), so all of them are solved
+  with the same number of evaluations of ``f``.
   """
   f_grid = f_grid or f
   n = a0.shape[0]
@@ -240,7 +246,8 @@ def minimise(
   ii, jj = jnp.meshgrid(jnp.arange(ga), jnp.arange(gc), indexing='ij')
   errs = jax.lax.map(at, (ii.reshape(-1), jj.reshape(-1))).reshape(ga, gc, n)
   if plan.shared:
-    ia = jnp.argmin(jnp.sum(jnp.min(errs, axis=1), axis=-1))
+    w = jnp.ones((n,), errs.dtype) if weights is None else weights
+    ia = jnp.argmin(jnp.sum(jnp.min(errs, axis=1) * w, axis=-1))
     jc = jnp.argmin(errs[ia], axis=0)
     ia = jnp.full((n,), ia)
   else:
@@ -261,4 +268,5 @@ def minimise(
     clip_iters=config.clip_iters,
     rounds=config.rounds,
     config=config,
+    weights=weights,
   )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,61 @@ def prepare(w: jax.Array, nk: int, ncol: int) -> tuple[jax.Array, jax.Array]:
   w3 = block_view(w, nk)
   scale = block_absmax(w3, ncol)
   return operator.divide(w3, scale), scale
+
+
+# --- scale normalisation -------------------------------------------------------------
+# Each weight counts in a layer's error with its block absmax squared, which float32
+# holds only for absmax in about [1e-19, 1e19]. The squares are taken of the block
+# scales divided by 2 ** e, where 2 ** e <= M < 2 ** (e + 1) for the layer's largest
+# block absmax M: a power of two, so the statistics are those of the raw squares
+# times 2 ** (-2 e) exactly wherever the raw ones are finite (argmins, hence codes,
+# unchanged), and they stay finite for any normal float32 weights.
+
+# Exponent of a layer whose largest scale is zero or subnormal: XLA flushes those.
+ZERO_EXPONENT = -126
+
+
+def scale_exponent(m: Any, xp: Any = jnp) -> Any:
+  """``e`` with ``2 ** e <= m < 2 ** (e + 1)`` for float32 ``m``, read from its bits.
+
+  -126 where ``m`` is zero or subnormal, 0 where it is Inf or NaN. Integer work on
+  the bit pattern, so NumPy (``xp=np``) and XLA (which flushes subnormals) agree.
+  """
+  bits = xp.asarray(m, xp.float32).view(xp.int32)
+  biased = (bits >> 23) & 0xFF
+  return xp.where(
+    biased == 255, 0, xp.where(biased == 0, ZERO_EXPONENT, biased - 127)
+  ).astype(xp.int32)
+
+
+def layer_exponent(absmax: Any, xp: Any = jnp) -> Any:
+  """:func:`scale_exponent` of each layer's largest block scale, ``(L, ...) -> (L,)``."""
+  return scale_exponent(xp.max(absmax.reshape(absmax.shape[0], -1), axis=1), xp)
+
+
+def _pow2(e: jax.Array) -> jax.Array:
+  """``2.0 ** e`` in float32 for integer ``e`` in [-126, 127], built from its bits."""
+  return jax.lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
+
+
+def normalise(scale: jax.Array, e: jax.Array) -> jax.Array:
+  """``scale * 2 ** -e`` exactly, ``e`` per layer (``(L,)``, ``scale`` ``(L, ...)``).
+
+  Two multiplications keep each factor a normal float32 for every ``e``.
+  """
+  e = e.reshape(-1, *([1] * (scale.ndim - 1)))
+  half = e // 2
+  return scale * _pow2(-half) * _pow2(half - e)
+
+
+def sum_weights(e: jax.Array) -> jax.Array:
+  """Weights ``2 ** (2 (e - max e))`` that put normalised layer errors on one scale.
+
+  Summed, they give the tree's error over ``2 ** (2 max e)``, which stays finite.
+  Layers more than 2 ** 63 times smaller than the largest get weight 0.
+  """
+  d = 2 * (e - jnp.max(e))
+  return jnp.where(d >= -126, _pow2(jnp.maximum(d, -126)), 0.0)
 
 
 # --- binned statistics --------------------------------------------------------------
@@ -103,13 +159,17 @@ def group_stats(
   # NaN and Inf reach the block absmax, so the scales tell without another pass.
   finite = jnp.all(jnp.isfinite(scale), axis=(1, 2, 3))
   tk, tn = tiles.counts(xs.shape[1] * xs.shape[2], n)
-  return finite, scale, tile_stats(xs, scale, tk, tn, bins, fold=True)
+  weight = normalise(scale, layer_exponent(scale))
+  return finite, scale, tile_stats(xs, weight, tk, tn, bins, fold=True)
 
 
 def tile_stats(
   xs: jax.Array, scale: jax.Array, tk: int, tn: int, bins: int, fold: bool
 ) -> jax.Array:
   """Stats of each of ``tk x tn`` tiles of ``xs`` ``(L, nk, rows, N)``, row-major.
+
+  ``scale`` ``(L, nk, 1, ncol)`` weighs each block (squared): the block scales,
+  normalised per layer (:func:`normalise`).
 
   ``(L, tk * tn, 2, bins, 2)``, or with ``fold`` their sum in tile order
   ``(L, 2, bins, 2)`` (see :mod:`pqjax.tiles`). One tile at a time keeps the
