@@ -380,10 +380,13 @@ def flushed(
   """
   out = []
   for g, s, e in zip(groups, group_stats, encoded):
-    absmax = np.asarray(sharding.gather(s.absmax)).reshape(len(g.leaves), -1)
+    absmax = np.asarray(sharding.gather(s.absmax)).reshape(g.layer_count, -1)
+    first = 0  # the leaf's first layer in the group
     for j, leaf in enumerate(g.leaves):
+      layers = absmax[first : first + leaf.layer_count].reshape(-1)
+      first += leaf.layer_count
       scale = np.asarray(sharding.gather(e.scales[j])).reshape(-1)
-      lost = int(np.sum((absmax[j] > 0) & (scale == 0)))
+      lost = int(np.sum((layers > 0) & (scale == 0)))
       if lost:
         out.append(f'{leaf.path} ({lost} of {scale.size} blocks)')
   return out
