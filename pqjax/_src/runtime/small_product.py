@@ -45,10 +45,14 @@ from jax import lax
 from pqjax._src.core.grid import MAX_BITS, MIN_BITS
 from pqjax._src.core.packing import codes_per_unit, packed_rows
 
-# Up to this width a level is chosen by selects on the code's bits: 2 ** bits - 1
-# vector selects a code are cheaper than a table gather, which XLA:CPU emits as
-# scalar loads (4096 x 4096, 4 bits, one row: 4.2 against 6.4 ms).
-SELECT_BITS = 4
+# Up to this width a level may be chosen by selects on the code's bits instead of a
+# table gather. On one product alone, 2 ** bits - 1 vector selects a code beat the
+# gather, which XLA:CPU emits as scalar loads (4096 x 4096, 4 bits, one row: 4.2
+# against 6.4 ms); in a whole model they do not: a GPT-2-small-shaped decoder step
+# (benchmarks/gpt2.py, 4 bits, one row) took 1.96x the fp32 step with selects and
+# 1.18x with gathers, side by side, and compiled in 65 s and 960 MB against 4.5 s
+# and 140 MB. So levels are gathered at every width.
+SELECT_BITS = 0
 
 # Up to this many rows `packed_product` is preferred to decode-then-dot, and up to
 # LARGE_MAX_ROWS for weights of LARGE_WEIGHT_BYTES or more as float32
@@ -64,10 +68,11 @@ BLOCK_BYTES = 2 << 20
 # Rows of K decoded in one step of the several-row form, at least.
 MIN_BLOCK_ROWS = 32
 # Packing units summed in one step of the one-row form, at most: more units make the
-# partial sums smaller but the compiled loop longer.
-MAX_UNROLL = 32
+# partial sums smaller but the compiled loop longer (the GPT-2 step above: 16 units
+# 1.18x fp32, 32 units 1.32x, 8 units 1.42x).
+MAX_UNROLL = 16
 # Rows of K summed in one step of the one-row form, at least.
-MIN_STEP_ROWS = 32
+MIN_STEP_ROWS = 16
 
 
 def prefers_packed_product(rows: int, *, bits: int, k: int, n: int) -> bool:
@@ -216,7 +221,13 @@ def _levels(parts: list[jax.Array], j: int, table: jax.Array, bits: int) -> jax.
   ``parts``: the unit's bytes (one int8 code at 5 to 8 bits).
   """
   if bits > SELECT_BITS:
-    index = parts[0].astype(jnp.int32) + table.shape[0] // 2
+    if len(parts) == 1 and bits > 4:  # one signed int8 code
+      index = parts[0].astype(jnp.int32) + table.shape[0] // 2
+    else:  # code j of a packed unit of 1 or 3 bytes
+      word = parts[0].astype(jnp.int32)
+      for b in range(1, len(parts)):
+        word = word | (parts[b].astype(jnp.int32) << (8 * b))
+      index = (word >> (j * bits)) & ((1 << bits) - 1)
     return table.at[index].get(mode='promise_in_bounds')
   # The symmetric grid's table is one short: its last index is never stored.
   levels = [table[min(i, table.shape[0] - 1)] for i in range(2**bits)]
