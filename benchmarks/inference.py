@@ -28,6 +28,7 @@ import dataclasses
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -252,8 +253,16 @@ def measure(s: Scenario, folder: Path, names: tuple[str, ...]) -> list[dict[str,
   for _ in range(2):
     for c, p, st in runs.values():
       _call(s, c, p, inputs, st)
+  # Rounds in a shuffled order, each variant called twice in a row and its second
+  # call timed, so no variant always follows the same one (a large program evicts
+  # the caches of the next).
+  order = random.Random(0)
   for _ in range(s.runs):
-    for n, (c, p, st) in runs.items():
+    names = list(runs)
+    order.shuffle(names)
+    for n in names:
+      c, p, st = runs[n]
+      _call(s, c, p, inputs, st)
       start = time.perf_counter()
       _call(s, c, p, inputs, st)
       times[n].append(time.perf_counter() - start)
@@ -267,11 +276,14 @@ def peak_rss(s: Scenario, folder: Path, name: str) -> float:
   """MB: a fresh process loads one variant from disk, compiles it and runs 3 steps."""
   paths = checkpoints(s.model, folder)
   inputs = _inputs(s)
-  params, fn = variant(s, name, paths, inputs)
-  compiled = _compiled(s, fn, params, inputs)
-  state: dict[str, Any] = {}
-  for _ in range(3):
-    _call(s, compiled, params, inputs, state)
+  try:
+    params, fn = variant(s, name, paths, inputs)
+    compiled = _compiled(s, fn, params, inputs)
+    state: dict[str, Any] = {}
+    for _ in range(3):
+      _call(s, compiled, params, inputs, state)
+  except Exception:  # reported by the timing run
+    return float('nan')
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
