@@ -258,9 +258,9 @@ def measure(s: Scenario, folder: Path, names: tuple[str, ...]) -> list[dict[str,
   # the caches of the next).
   order = random.Random(0)
   for _ in range(s.runs):
-    names = list(runs)
-    order.shuffle(names)
-    for n in names:
+    shuffled = list(runs)
+    order.shuffle(shuffled)
+    for n in shuffled:
       c, p, st = runs[n]
       _call(s, c, p, inputs, st)
       start = time.perf_counter()

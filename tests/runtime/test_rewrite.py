@@ -197,3 +197,16 @@ def test_kernel_path_runs_the_pallas_kernel_interpreted_on_cpu():
   uses = pqjax.quantized_products(wrapped, params_q, x)
   assert [u.path for u in uses] == ['kernel', 'kernel']
   assert [u.path for u in pqjax.quantized_products(forward, params_q, x)] == ['fused'] * 2
+
+
+def test_large_weights_are_decoded_in_blocks_of_columns(monkeypatch):
+  # Blocks of 64 KB: a 96 x 700 weight (269 KB as float32) is decoded 170 columns
+  # at a time, each block tied to the last.
+  monkeypatch.setattr(products, 'DECODE_BLOCK_BYTES', 1 << 16)
+  params_q, dq = quantized({'w': (96, 700)}, bits=4)
+  forward = lambda p, x: jnp.tanh(x @ p['w'])
+  x = jax.random.normal(jax.random.key(5), (40, 96))
+  wrapped = pqjax.wrap(forward, products='decode')
+  close(jax.jit(wrapped)(params_q, x), forward(dq, x))
+  temp = temp_bytes(wrapped, params_q, x)
+  assert temp < 96 * 700 * 4, temp  # never the whole decoded weight
