@@ -307,10 +307,13 @@ def test_minilm_w8a8_embeddings():
     batch['attention_mask'],
     batch['token_type_ids'],
   )
-  # The 37 Dense kernels; the three embedding tables are only gathered.
-  assert len(products) == 37
-  assert all(
-    p.primitive == 'dot_general' and 'embeddings' not in p.weight for p in products
+  # The 37 Dense kernels are products; the three embedding tables are only gathered,
+  # each decoding just the rows it takes.
+  dots = [p for p in products if p.primitive == 'dot_general']
+  lookups = [p for p in products if p.primitive == 'gather']
+  assert len(dots) == 37 and all('embeddings' not in p.weight for p in dots)
+  assert len(lookups) == 3 and all(
+    'embeddings' in p.weight and p.path == 'rows' for p in lookups
   )
 
   def cosine(**options):
