@@ -10,7 +10,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pqjax._src.core.blocks import Granularity, check_granularity
-from pqjax._src.core.grid import Grid, check_bits, check_grid
+from pqjax._src.core.grid import MAX_BITS, MIN_BITS, Grid, check_bits, check_grid
 from pqjax._src.core.leaves import Filter
 from pqjax._src.search.config import SearchConfig
 
@@ -21,6 +21,8 @@ ScaleDtype = Literal['auto'] | type[np.floating] | np.dtype | str
 # The leading axes of a leaf that index stacked layers: one count for every leaf, or
 # ``layer_axes(path, leaf) -> int``.
 LayerAxes = int | Callable[[str, Any], int]
+# How much a leaf's error matters under a bit budget: ``importance(path, leaf)``.
+Importance = Callable[[str, Any], float]
 
 
 def _as_float(x: object) -> float | None:
@@ -70,6 +72,52 @@ def check_scale_dtype(scale_dtype: object) -> np.dtype | None:
       f'scale_dtype must be "auto", float32 or float16, got {scale_dtype!r}'
     )
   return dt
+
+
+def check_widths(
+  bits: object, bits_per_weight: object
+) -> tuple[int | tuple[int, int], float | None]:
+  """``(bits, bits_per_weight)`` checked: an int width, or a range under a budget.
+
+  Without a budget ``bits`` is one width (default 4). With one, ``bits`` is the
+  range ``(lo, hi)`` the widths are chosen from (default ``(2, 8)``); a single int
+  then conflicts with the budget.
+  """
+  if isinstance(bits, list):
+    bits = tuple(bits)
+  if bits_per_weight is None:
+    if isinstance(bits, tuple):
+      raise ValueError(
+        f'a range of widths bits={bits!r} needs a budget: pass bits_per_weight'
+      )
+    return check_bits(4 if bits is None else bits), None
+  budget = _as_float(bits_per_weight)
+  if budget is None or not math.isfinite(budget) or budget <= 0:
+    raise ValueError(
+      f'bits_per_weight must be a positive number of bits, got {bits_per_weight!r}'
+    )
+  if bits is None:
+    return (MIN_BITS, MAX_BITS), budget
+  if not isinstance(bits, tuple):
+    raise ValueError(
+      f'bits={bits!r} and bits_per_weight={bits_per_weight!r} conflict: one width'
+      ' for every leaf, or a budget the widths are chosen for; give bits=(lo, hi)'
+      ' to narrow the widths of a budget'
+    )
+  if len(bits) != 2:
+    raise ValueError(f'bits must be (lo, hi) with a budget, got {bits!r}')
+  lo, hi = check_bits(bits[0], 'bits[0]'), check_bits(bits[1], 'bits[1]')
+  if lo > hi:
+    raise ValueError(f'bits=(lo, hi) needs lo <= hi, got {bits!r}')
+  return (lo, hi), budget
+
+
+def check_importance(importance: object) -> Importance | None:
+  if importance is not None and not callable(importance):
+    raise TypeError(
+      f'importance must be a function (path, leaf) -> float, got {importance!r}'
+    )
+  return importance
 
 
 def _as_count(x: object) -> int | None:
@@ -129,8 +177,15 @@ class QuantizeOptions:
   before any work is done.
   """
 
-  # Code width, 2 to 8.
-  bits: int = 4
+  # Code width, 2 to 8 (default 4); with ``bits_per_weight``, the range ``(lo, hi)``
+  # the widths are chosen from (default (2, 8)).
+  bits: int | tuple[int, int] | None = None
+  # A budget of stored bits per weight (codes, scales, exponents, tables, averaged
+  # over the quantized leaves): each leaf's width is chosen to meet it.
+  bits_per_weight: float | None = None
+  # Under a budget: how much each leaf's relative error counts, ``(path, leaf) ->
+  # float``; None: the default estimate (see ``pqjax._src.budget``).
+  importance: Importance | None = None
   # "channel": a scale per output feature (the last axis); "tensor": one per leaf;
   # an int G: one per G consecutive rows of one column (the last block may be shorter).
   granularity: Granularity = 'channel'
@@ -158,7 +213,10 @@ class QuantizeOptions:
 
   def __post_init__(self) -> None:
     set_ = lambda name, value: object.__setattr__(self, name, value)
-    set_('bits', check_bits(self.bits))
+    bits, budget = check_widths(self.bits, self.bits_per_weight)
+    set_('bits', bits)
+    set_('bits_per_weight', budget)
+    check_importance(self.importance)
     set_('granularity', check_granularity(self.granularity))
     set_('exponent', check_exponent(self.exponent))
     set_('grid', check_grid(self.grid))
@@ -175,6 +233,21 @@ class QuantizeOptions:
       raise TypeError(
         f'search_config must be a pqjax.SearchConfig, got {self.search_config!r}'
       )
+
+  @property
+  def width(self) -> int:
+    """The one code width, without a budget."""
+    if not isinstance(self.bits, int):
+      raise ValueError('a budget has no single width')
+    return self.bits
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    """Candidate widths: the one width, or every width of the budget's range."""
+    if isinstance(self.bits, int):
+      return (self.bits,)
+    lo, hi = self.bits  # type: ignore[misc]
+    return tuple(range(lo, hi + 1))
 
   @property
   def clip_mode(self) -> ClipMode:

@@ -18,14 +18,15 @@ import math
 import sys
 import warnings
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pqjax._src import encoding, sharding
-from pqjax._src.core import grid
+from pqjax._src import budget, encoding, sharding
+from pqjax._src.core import grid, qarray
 from pqjax._src.core.blocks import Blocks, blocks_for
 from pqjax._src.core.leaves import default_filter, is_float_array, path_str
 from pqjax._src.core.qarray import QArray
@@ -69,11 +70,13 @@ class Leaf(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-  """Leaves quantized together: the same scale blocks and the same sharding."""
+  """Leaves quantized together: the same scale blocks, sharding and width."""
 
   blocks: Blocks
   layout: sharding.Layout | None
   leaves: tuple[Leaf, ...]
+  # The code width; 0 until a bit budget has chosen it.
+  bits: int = 0
 
   @property
   def values(self) -> tuple[Any, ...]:
@@ -174,16 +177,19 @@ def group(leaves: Sequence[Leaf], options: QuantizeOptions) -> list[Group]:
   """Leaves batched by block shape and by sharding, in order of first appearance.
 
   The layers of a stacked leaf join the group of their block shape, as separate
-  leaves of that shape would.
+  leaves of that shape would. Under a bit budget the groups have no width yet, and
+  a sharded leaf is checked at each width when the widths are chosen.
   """
+  budget = options.bits_per_weight is not None
   groups: dict[tuple[Blocks, sharding.Layout | None], list[Leaf]] = {}
   for leaf in leaves:
     b = blocks_for(leaf.layer_shape, options.granularity)
     layout = sharding.layout_of(leaf.path, leaf.value, leaf.layer_axes)
-    if layout is not None:
-      sharding.check(leaf.path, layout, b, options.bits, options.clip_mode == 'block')
+    if layout is not None and not budget:
+      sharding.check(leaf.path, layout, b, options.width, options.clip_mode == 'block')
     groups.setdefault((b, layout), []).append(leaf)
-  return [Group(b, layout, tuple(m)) for (b, layout), m in groups.items()]
+  bits = 0 if budget else options.width
+  return [Group(b, layout, tuple(m), bits) for (b, layout), m in groups.items()]
 
 
 # --- 3. statistics ------------------------------------------------------------------
@@ -214,6 +220,229 @@ def statistics(
   return out
 
 
+def layer_exponents(group_stats: Sequence[GroupStats]) -> jax.Array:
+  """Each layer's scale exponent ``(L,)``, groups in order (see ``stats.normalise``)."""
+  return jnp.asarray(
+    np.concatenate(
+      [stats.layer_exponent(np.asarray(sharding.gather(s.absmax)), np) for s in group_stats]
+    )
+  )
+
+
+# --- 3b. widths, under a bit budget -------------------------------------------------
+
+
+class Widths(NamedTuple):
+  """A bit budget's choice: the groups split by width, their stats and scale dtypes,
+  and where the estimate found each layer's least error at its width ``(L,)``."""
+
+  groups: list[Group]
+  stats: list[GroupStats]
+  halves: list[np.ndarray]
+  alphas: jax.Array
+  clips: jax.Array
+
+
+def _budget_halves(g: Group, s: GroupStats, options: QuantizeOptions) -> np.ndarray:
+  """Float16 layers of ``g`` whatever clip ratio the search finds (costs need them)."""
+  if options.clip_mode == 'fixed':
+    return half_scales(g, s, jnp.full((g.layer_count,), options.clip_ratio), options)
+  low = jnp.full((g.layer_count,), options.search_config.clip_lo)
+  return half_scales(g, s, low, options) & half_scales(
+    g, s, jnp.ones((g.layer_count,)), options
+  )
+
+
+def _importance(leaf: Leaf, options: QuantizeOptions) -> float:
+  """The leaf's importance: the option's, checked, or the default."""
+  if options.importance is None:
+    return budget.default_importance(leaf.path, leaf.value, leaf.layer_count)
+  try:
+    value = float(options.importance(leaf.path, leaf.value))
+  except Exception as e:
+    raise ValueError(
+      f'{leaf.path}: the importance function raised {type(e).__name__}: {e}'
+    ) from e
+  if not (math.isfinite(value) and value >= 0):
+    raise ValueError(
+      f'{leaf.path}: importance must be a finite number >= 0, got {value!r}'
+    )
+  return value
+
+
+def _feasible(g: Group, leaf: Leaf, widths: Sequence[int], block: bool) -> list[bool]:
+  """Which widths a sharded leaf's layout can hold; ValueError if none."""
+  if g.layout is None:
+    return [True] * len(widths)
+  ok, errors = [], []
+  for b in widths:
+    try:
+      sharding.check(leaf.path, g.layout, g.blocks, b, block)
+      ok.append(True)
+    except ValueError as e:
+      ok.append(False)
+      errors.append(e)
+  if not any(ok):
+    raise errors[0]
+  return ok
+
+
+def layer_norms(binned: np.ndarray) -> np.ndarray:
+  """``||W||^2`` of each layer from its binned stats, to the bins' resolution."""
+  bins = binned.shape[2]
+  ctr = np.asarray(stats.centre(jnp.arange(bins), bins), np.float64)
+  w = binned.astype(np.float64)
+  return np.sum(ctr * ctr * w[..., 0] + 2 * ctr * w[..., 1], axis=(1, 2))
+
+
+class WidthTable(NamedTuple):
+  """What a bit budget chooses from: per selected leaf (in group order), the bytes
+  and the estimated damage at each candidate width, and the byte budget."""
+
+  leaves: list[Leaf]
+  costs: list[np.ndarray]
+  damages: list[np.ndarray]
+  limit: int
+  halves: list[np.ndarray]
+  # The estimate's exponents and clip ratios at each width, ``(widths, L)``.
+  points: tuple[jax.Array, jax.Array]
+
+
+def width_table(
+  groups: Sequence[Group], group_stats: Sequence[GroupStats], options: QuantizeOptions
+) -> WidthTable:
+  """Each leaf's cost and damage at each width; ValueError for a budget out of reach.
+
+  Costs are the bytes :class:`QArray` stores (``inf`` where a sharded leaf's layout
+  cannot hold the width); a leaf's damage is its importance times the sum of its
+  layers' estimated relative errors.
+  """
+  widths = options.widths
+  halves = [_budget_halves(g, s, options) for g, s in zip(groups, group_stats)]
+  block = options.clip_mode == 'block'
+  leaves, costs = [], []
+  for g, half in zip(groups, halves):
+    starts = np.cumsum([0] + [leaf.layer_count for leaf in g.leaves])
+    for leaf, first in zip(g.leaves, starts):
+      scale_bytes = 2 if leaf.layer_count and half[first] else 4
+      cost = [
+        qarray.stored_nbytes(
+          tuple(leaf.value.shape),
+          leaf.layer_axes,
+          b,
+          grid.num_levels(b, options.grid),
+          g.blocks.nk,
+          g.blocks.ncol,
+          scale_bytes,
+        )
+        if fits
+        else math.inf
+        for b, fits in zip(widths, _feasible(g, leaf, widths, block))
+      ]
+      leaves.append(leaf)
+      costs.append(np.array(cost, np.float64))
+  limit = _limit(costs, leaves, options)
+  binned = jnp.concatenate([sharding.gather(s.stats) for s in group_stats])
+  errors, *points = fit.width_errors(
+    binned,
+    *starting_point(binned.shape[0], options),
+    layer_exponents(group_stats),
+    widths=widths,
+    grid=options.grid,
+    plan=plan_of(options),
+    config=options.search_config,
+  )
+  norms = layer_norms(np.asarray(binned))
+  errors = np.asarray(errors, np.float64)
+  relative = np.where(norms > 0, errors / np.where(norms > 0, norms, 1.0), 0.0)
+  ends = np.cumsum([leaf.layer_count for leaf in leaves])
+  damages = [
+    _importance(leaf, options) * relative[:, end - leaf.layer_count : end].sum(axis=1)
+    for leaf, end in zip(leaves, ends)
+  ]
+  return WidthTable(leaves, costs, damages, limit, halves, (points[0], points[1]))
+
+
+def choose_widths(
+  groups: Sequence[Group], group_stats: Sequence[GroupStats], options: QuantizeOptions
+) -> Widths:
+  """Each leaf's width under the budget, and the groups split by width.
+
+  ValueError where the budget is outside what the range of widths can store.
+  """
+  table = width_table(groups, group_stats, options)
+  chosen = (
+    budget.allocate(table.costs, table.damages, table.limit)
+    if table.leaves
+    else np.zeros(0, np.int64)
+  )
+  bits_of = {id(leaf): options.widths[c] for leaf, c in zip(table.leaves, chosen)}
+  # Each layer's estimate at its leaf's width, in the layers' order.
+  per_layer = np.repeat(chosen, [leaf.layer_count for leaf in table.leaves])
+  return _split(groups, group_stats, table.halves, bits_of, table.points, per_layer)
+
+
+def _limit(costs: list[np.ndarray], leaves: list[Leaf], options: QuantizeOptions) -> int:
+  """The budget in bytes; ValueError if the widths cannot store it."""
+  weights = sum(math.prod(leaf.value.shape) for leaf in leaves)
+  bpw = options.bits_per_weight
+  assert bpw is not None
+  if not costs:
+    return 0
+  lo, hi = budget.reachable(costs)
+  if not weights:
+    return hi
+  limit = budget.budget_bytes(bpw, weights)
+  if limit < lo or Fraction(bpw) * weights > 8 * hi:
+    low, high = options.widths[0], options.widths[-1]
+    raise ValueError(
+      f'bits_per_weight={bpw} is out of reach: widths {low}..{high} store'
+      f' {math.ceil(8e4 * lo / weights) / 1e4:.4f} to'
+      f' {math.floor(8e4 * hi / weights) / 1e4:.4f} bits per weight for these'
+      f' {weights:,} weights (codes, scales, exponents and tables)'
+    )
+  return limit
+
+
+def _split(
+  groups: Sequence[Group],
+  group_stats: Sequence[GroupStats],
+  halves: Sequence[np.ndarray],
+  bits_of: dict[int, int],
+  points: tuple[jax.Array, jax.Array],
+  chosen: np.ndarray,
+) -> Widths:
+  """Each group cut into one group per width, widths ascending, with its layers.
+
+  ``points`` are the estimate's exponents and clip ratios ``(widths, L)``, and
+  ``chosen`` each layer's width index.
+  """
+  out: list[list[Any]] = [[], [], []]
+  order = []
+  first = 0
+  for g, s, half in zip(groups, group_stats, halves):
+    # The small arrays are cut on the host: a gather on the device for each piece
+    # costs more to dispatch than these copies.
+    host: list[Any] = [np.asarray(sharding.gather(x)) for x in s]
+    starts = np.cumsum([0] + [leaf.layer_count for leaf in g.leaves])
+    for b in sorted({bits_of[id(leaf)] for leaf in g.leaves}):
+      mine = [i for i, leaf in enumerate(g.leaves) if bits_of[id(leaf)] == b]
+      index = np.concatenate(
+        [np.arange(starts[i], starts[i + 1]) for i in mine] + [np.zeros(0, int)]
+      ).astype(np.int32)
+      out[0].append(
+        dataclasses.replace(g, leaves=tuple(g.leaves[i] for i in mine), bits=b)
+      )
+      whole = index.size == g.layer_count
+      out[1].append(s if whole else GroupStats(*(x[index] for x in host)))
+      out[2].append(half[index])
+      order.append(first + index)
+    first += g.layer_count
+  layers = np.concatenate(order + [np.zeros(0, np.int32)])
+  alphas, clips = (np.asarray(x)[chosen[layers], layers] for x in points)
+  return Widths(out[0], out[1], out[2], jnp.asarray(alphas), jnp.asarray(clips))
+
+
 # --- 4. search ----------------------------------------------------------------------
 
 
@@ -225,34 +454,93 @@ def plan_of(options: QuantizeOptions) -> Plan:
   )
 
 
+def starting_point(n: int, options: QuantizeOptions) -> tuple[jax.Array, jax.Array]:
+  """Exponents and clip ratios ``(n,)`` before the search: the fixed ones, or 1."""
+  fixed = options.exponent if isinstance(options.exponent, float) else 1.0
+  return (
+    jnp.full((n,), fixed, jnp.float32),
+    jnp.full((n,), options.clip_ratio, jnp.float32),
+  )
+
+
 def search(
-  groups: Sequence[Group], group_stats: Sequence[GroupStats], options: QuantizeOptions
+  groups: Sequence[Group],
+  group_stats: Sequence[GroupStats],
+  options: QuantizeOptions,
+  start: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Exponent and clip ratio of every layer, ``(L,)`` each, groups in order."""
+  """Exponent and clip ratio of every layer, ``(L,)`` each, groups in order.
+
+  ``start``: each layer's estimate under a bit budget, which the search refines
+  (unless the exponent is shared: one exponent for all widths needs the full one).
+  """
   n = sum(g.layer_count for g in groups)
   config = options.search_config
   plan = plan_of(options)
-  fixed = options.exponent if isinstance(options.exponent, float) else 1.0
-  alphas = jnp.full((n,), fixed, jnp.float32)
-  clips = jnp.full((n,), options.clip_ratio, jnp.float32)
+  alphas, clips = starting_point(n, options)
   if not n or not (plan.search_alpha or plan.search_clip):
     return alphas, clips
   # The search runs on one device, from the statistics of every shard: its result
   # is the same as for unsharded leaves, bit for bit.
-  exponents = np.concatenate(
-    [stats.layer_exponent(np.asarray(sharding.gather(s.absmax)), np) for s in group_stats]
-  )
-  alphas, clips = fit.search_stats(
-    jnp.concatenate([sharding.gather(s.stats) for s in group_stats]),
-    alphas,
-    clips,
-    exponents,
-    bits=options.bits,
+  binned = [sharding.gather(s.stats) for s in group_stats]
+  exponents = layer_exponents(group_stats)
+  widths = sorted({g.bits for g in groups})
+  warm = start is not None and not plan.shared
+  if warm:
+    assert start is not None
+    alphas, clips = start
+  if len(widths) == 1 and start is None:
+    alphas, clips = fit.search_stats(
+      jnp.concatenate(binned),
+      alphas,
+      clips,
+      exponents,
+      bits=widths[0],
+      grid=options.grid,
+      plan=plan,
+      config=config,
+    )
+  else:
+    alphas, clips = _search_widths(
+      groups, binned, alphas, clips, exponents, widths, plan, options, warm
+    )
+  return _refine(alphas, clips, groups, plan, options)
+
+
+def _search_widths(
+  groups: Sequence[Group],
+  binned: Sequence[jax.Array],
+  alphas: jax.Array,
+  clips: jax.Array,
+  exponents: jax.Array,
+  widths: Sequence[int],
+  plan: Plan,
+  options: QuantizeOptions,
+  warm: bool,
+) -> tuple[jax.Array, jax.Array]:
+  """The search of layers at several widths (a bit budget): one program for all."""
+  offsets = np.cumsum([0] + [g.layer_count for g in groups])
+  index = [
+    np.concatenate(
+      [np.arange(offsets[i], offsets[i + 1]) for i, g in enumerate(groups) if g.bits == b]
+    )
+    for b in widths
+  ]
+  order = np.concatenate(index)
+  a, c = fit.search_widths(
+    tuple(
+      jnp.concatenate([s for s, g in zip(binned, groups) if g.bits == b]) for b in widths
+    ),
+    alphas[order],
+    clips[order],
+    exponents[order],
+    widths=tuple(widths),
     grid=options.grid,
     plan=plan,
-    config=config,
+    config=options.search_config,
+    warm=warm,
   )
-  return _refine(alphas, clips, groups, plan, options)
+  return alphas.at[order].set(a), clips.at[order].set(c)
 
 
 def _refine(
@@ -272,6 +560,7 @@ def _refine(
     small = [i for i, s in enumerate(sizes) if fit.needs_refine(s, config)]
   if not small:
     return alphas, clips
+  widths = tuple(groups[i].bits for i in small)
   # A small sharded layer is gathered, on one device.
   values = [
     sharding.gather(groups[i].values)
@@ -286,7 +575,7 @@ def _refine(
     alphas[index],
     clips[index],
     views=tuple(dataclasses.astuple(groups[i].blocks) for i in small),
-    bits=options.bits,
+    bits=widths[0] if len(set(widths)) == 1 else widths,
     grid=options.grid,
     plan=plan,
     config=config,
@@ -338,21 +627,26 @@ def encode(
   clips: jax.Array,
   options: QuantizeOptions,
   bar: Any,
+  halves: Sequence[np.ndarray] | None = None,
 ) -> list[Encoded]:
-  """Each group's packed codes and stored scales."""
+  """Each group's packed codes and stored scales.
+
+  ``halves`` are each group's float16 layers where chosen already (a bit budget
+  counts them before the search).
+  """
   out = []
   offset = 0
-  for g, s in zip(groups, group_stats):
+  for i, (g, s) in enumerate(zip(groups, group_stats)):
     n = g.layer_count
     a, c = alphas[offset : offset + n], clips[offset : offset + n]
     offset += n
-    half = half_scales(g, s, c, options)
+    half = half_scales(g, s, c, options) if halves is None else halves[i]
     kwargs = dict(
       k=g.blocks.k,
       n=g.blocks.n,
       nk=g.blocks.nk,
       layers=g.layers,
-      bits=options.bits,
+      bits=g.bits,
       grid=options.grid,
       block_clip=options.clip_mode == 'block',
       config=options.search_config,
@@ -410,8 +704,8 @@ def assemble(
   out = [leaf for _, leaf in flat]
   alpha_out: list[float | np.ndarray | None] = [None] * len(flat)
   offset = 0
-  levels = grid.num_levels(options.bits, options.grid)
   for g, e in zip(groups, encoded):
+    levels = grid.num_levels(g.bits, options.grid)
     where = None if g.layout is None else placement
     first = 0  # the leaf's first layer in the group
     for j, leaf in enumerate(g.leaves):
@@ -420,14 +714,14 @@ def assemble(
       scale = e.scales[j].astype(jnp.float16) if half else e.scales[j]
       table = np.zeros((leaf.layer_count, levels), np.float32)
       for i, a in enumerate(alpha.reshape(-1)):
-        table[i] = grid.decode_table(float(a), options.bits, options.grid)
+        table[i] = grid.decode_table(float(a), g.bits, options.grid)
       table = table.reshape(*leaf.layers, levels)
       out[leaf.position] = QArray(
         codes=e.codes[j],
         scale=scale,
         alpha=sharding.place(jnp.asarray(alpha), where),
         table=sharding.place(jnp.asarray(table), where),
-        bits=options.bits,
+        bits=g.bits,
         shape=tuple(leaf.value.shape),
         dtype=np.dtype(leaf.value.dtype),
         layer_axes=leaf.layer_axes,
@@ -464,7 +758,9 @@ def _advance(bar: Any, result: Any, weights: int) -> None:
 # --- the public function ------------------------------------------------------------
 
 
-def quantize(params: Any, bits: int = 4, **options: Any) -> tuple[Any, Any]:
+def quantize(
+  params: Any, bits: int | tuple[int, int] | None = None, **options: Any
+) -> tuple[Any, Any]:
   """Quantizes the selected leaves of ``params`` with the power map.
 
   Args:
@@ -526,8 +822,12 @@ def quantize(params: Any, bits: int = 4, **options: Any) -> tuple[Any, Any]:
   with jax.enable_x64(False):
     bar = _progress_bar(2 * sum(g.weights for g in groups), opts.progress)
     group_stats = statistics(groups, opts.search_config, bar)
-    alphas, clips = search(groups, group_stats, opts)
-    encoded = encode(groups, group_stats, alphas, clips, opts, bar)
+    halves = start = None
+    if opts.bits_per_weight is not None:
+      groups, group_stats, halves, *points = choose_widths(groups, group_stats, opts)
+      start = (points[0], points[1])
+    alphas, clips = search(groups, group_stats, opts, start)
+    encoded = encode(groups, group_stats, alphas, clips, opts, bar, halves)
     if bar is not None:
       bar.close()
     zeros = flushed(groups, group_stats, encoded)

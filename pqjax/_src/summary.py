@@ -130,6 +130,14 @@ class Summary:
     return 8 * self.quantized_after / weights if weights else 0.0
 
   @property
+  def widths(self) -> dict[int, int]:
+    """How many quantized leaves have each code width, widths ascending."""
+    count: dict[int, int] = {}
+    for x in sorted(self.leaves, key=lambda x: x.bits):
+      count[x.bits] = count.get(x.bits, 0) + 1
+    return count
+
+  @property
   def total_before(self) -> int:
     """Bytes of the tree with every quantized leaf back at its original dtype."""
     return self.quantized_before + self.float_bytes + self.other_bytes
@@ -196,6 +204,10 @@ class Summary:
     out += [
       f'quantized leaves: {len(self.leaves)}, {self.quantized_before:,} -> '
       f'{self.quantized_after:,} bytes ({self.bits_per_weight:.3f} bits/weight)',
+    ]
+    if len(self.widths) > 1:
+      out.append(f'widths: {self.widths_text()}')
+    out += [
       f'float leaves kept: {self.float_leaves}, {self.float_bytes:,} bytes',
       f'other leaves kept: {self.other_leaves}, {self.other_bytes:,} bytes',
       f'total: {self.total_before:,} -> {self.total_after:,} bytes'
@@ -203,6 +215,17 @@ class Summary:
       f' {self.ratio:.2f}x smaller)',
     ]
     return '\n'.join(out)
+
+  def widths_text(self) -> str:
+    """Leaves and share of the weights at each width: ``2 bits: 1 leaf (52%), ...``."""
+    total = sum(x.size for x in self.leaves) or 1
+    share = {b: 0 for b in self.widths}
+    for x in self.leaves:
+      share[x.bits] += x.size
+    return ', '.join(
+      f'{b} bits: {n} {"leaf" if n == 1 else "leaves"} ({100 * share[b] / total:.0f}%)'
+      for b, n in self.widths.items()
+    )
 
   def __str__(self) -> str:
     return self.format()

@@ -104,6 +104,27 @@ def stacked(count: int) -> Callable[[str, Any], int]:
   return lambda path, leaf: count if leaf.ndim >= count + 2 else 0
 
 
+def _bits(text: str) -> int | tuple[int, int]:
+  """A width ``N``, or a range ``LO..HI`` of widths for ``--bits-per-weight``."""
+  lo, dots, hi = text.partition('..')
+  try:
+    widths = [int(lo), int(hi)] if dots else [int(text)]
+  except ValueError:
+    widths = []
+  if not widths or not all(2 <= b <= 8 for b in widths):
+    raise argparse.ArgumentTypeError(
+      f'must be a width in 2..8 or a range LO..HI of them, got {text!r}'
+    )
+  return (widths[0], widths[-1]) if dots else widths[0]
+
+
+def _budget(text: str) -> float:
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'must be a number, got {text!r}') from None
+
+
 def _bits_list(text: str) -> tuple[int, ...]:
   try:
     bits = tuple(int(b) for b in text.split(','))
@@ -158,6 +179,7 @@ def _report(args: argparse.Namespace) -> int:
       granularity=args.granularity,
       sentences=args.sentences,
       fidelity_bits=args.fidelity_bits,
+      bits_per_weight=args.bits_per_weight,
     )
   else:
     result = report.checkpoint_report(
@@ -189,6 +211,7 @@ def _quantize(args: argparse.Namespace) -> int:
   params_q, _ = pqjax.quantize(
     params,
     args.bits,
+    bits_per_weight=args.bits_per_weight,
     granularity=args.granularity,
     exponent=args.exponent,
     grid=args.grid,
@@ -249,7 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     'output', help='where to write: a .safetensors file, else an Orbax directory'
   )
-  p.add_argument('--bits', type=int, default=4, choices=range(2, 9), metavar='{2..8}')
+  p.add_argument(
+    '--bits',
+    type=_bits,
+    metavar='{2..8}',
+    help='code width (default: 4); with --bits-per-weight, the range LO..HI the'
+    ' widths are chosen from (default: 2..8)',
+  )
+  p.add_argument(
+    '--bits-per-weight',
+    type=_budget,
+    metavar='B',
+    help='a budget of stored bits per weight (codes, scales, exponents, tables):'
+    ' each leaf gets the width that serves the model best within it',
+  )
   p.add_argument(
     '--granularity',
     type=_granularity,
@@ -365,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     choices=range(2, 9),
     metavar='{2..8}',
     help='MiniLM: bits of the reported quantization (default: 4)',
+  )
+  p.add_argument(
+    '--bits-per-weight',
+    type=_budget,
+    metavar='B',
+    help='MiniLM: a budget of stored bits per weight instead of one width',
   )
   p.add_argument(
     '--granularity',

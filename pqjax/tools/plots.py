@@ -144,3 +144,36 @@ def fidelity(rows: Sequence[Fidelity], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
   _save(plt, fig, path)
+
+
+def widths(layers: Sequence[Layer], path: Path) -> None:
+  """Horizontal bars: the code width of every quantized leaf, in tree order.
+
+  A dot marks the leaf's stored bits per weight (scales, exponent and table
+  included), and a dashed line the tree's average: what a bit budget counts.
+  """
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(8, 1.5 + 0.22 * len(layers)))
+  y = np.arange(len(layers))
+  bits = np.array([x.leaf.bits for x in layers])
+  stored = np.array([x.leaf.bits_per_weight for x in layers])
+  colours = plt.get_cmap('viridis')((bits - 2) / 6)
+  ax.barh(y, bits, color=colours, label='code width')
+  ax.plot(
+    np.minimum(stored, 9.5), y, 'o', color='tab:red', ms=4, label='stored bits/weight'
+  )
+  size = np.array([x.leaf.size for x in layers], np.float64)
+  average = float(np.sum(stored * size) / max(np.sum(size), 1))
+  ax.axvline(average, color='grey', lw=0.8, ls='--', label=f'average {average:.3f}')
+  names = [
+    _short(x.leaf.path) + (f' ({x.leaf.layer_count} layers)' if x.leaf.layers else '')
+    for x in layers
+  ]
+  ax.set_yticks(y, names, fontsize=7)
+  ax.invert_yaxis()
+  ax.set_xlim(0, 10)
+  ax.set_xticks(range(0, 11))
+  ax.set_xlabel('bits (dots past 9.5 are drawn at 9.5)')
+  ax.set_title('Width per layer')
+  ax.legend(fontsize=8, loc='lower right')
+  _save(plt, fig, path)

@@ -198,14 +198,18 @@ def error_curves(
   chosen = {p: float(q[p].alpha) for p in paths}
   hi = max(1.5, 1.25 * max(chosen.values()))
   grid = np.linspace(0.1, hi, points)
-  options = {k: v for k, v in options.items() if k not in ('exponent', 'layer_axes')}
-  bits = q[paths[0]].bits
+  dropped = ('exponent', 'layer_axes', 'bits', 'bits_per_weight', 'importance')
+  options = {k: v for k, v in options.items() if k not in dropped}
   sub = {p: w for p, (_, w) in layers.items()}
   errors: dict[str, list[float]] = {p: [] for p in paths}
+  # Each layer at its own width (a bit budget gives them several).
+  widths = sorted({q[p].bits for p in paths})
   for a in grid:
-    sub_q, _ = quantize(sub, bits, exponent=float(a), **options)
-    for p in paths:
-      errors[p].append(pqjax.relative_error(sub[p], sub_q[p]))
+    for bits in widths:
+      mine = {p: w for p, w in sub.items() if q[p].bits == bits}
+      sub_q, _ = quantize(mine, bits, exponent=float(a), **options)
+      for p in mine:
+        errors[p].append(pqjax.relative_error(sub[p], sub_q[p]))
   return tuple(
     Curve(
       path=p,
@@ -366,13 +370,23 @@ def minilm_report(
   model: Any = None,
   fidelity_bits: Sequence[int] = BITS,
   points: int = GRID_POINTS,
+  bits_per_weight: float | None = None,
 ) -> Report:
-  """A report on the bundled MiniLM quantized with pqjax's defaults at ``bits``."""
+  """A report on the bundled MiniLM quantized with pqjax's defaults at ``bits``.
+
+  With ``bits_per_weight``, each layer's width is chosen for that budget instead.
+  """
   from pqjax.tools import corpus, minilm
 
   model = model or minilm.load()
   options = {} if granularity is None else {'granularity': granularity}
-  params_q, _ = quantize(model.params, bits, **options)
+  name = 'all-MiniLM-L6-v2 (FlaxBertModel)'
+  if bits_per_weight is None:
+    params_q, _ = quantize(model.params, bits, **options)
+    title = f'{name}, {bits} bits'
+  else:
+    params_q, _ = quantize(model.params, bits_per_weight=bits_per_weight, **options)
+    title = f'{name}, {bits_per_weight} bits per weight'
   embedder = None
   if sentences:
     text = minilm.tokenize(model.tokenizer, corpus.stdlib_sentences(sentences))
@@ -385,7 +399,7 @@ def minilm_report(
   return build(
     params_q,
     model.params,
-    title=f'all-MiniLM-L6-v2 (FlaxBertModel), {bits} bits',
+    title=title,
     options=options,
     embedder=embedder,
     bits=fidelity_bits,
@@ -495,6 +509,7 @@ PLOTS = {
   'curves': 'error_vs_exponent.png',
   'histograms': 'histograms.png',
   'exponents': 'exponents.png',
+  'widths': 'widths.png',
   'fidelity': 'fidelity_vs_bits.png',
 }
 
@@ -506,15 +521,18 @@ def markdown(report: Report, images: dict[str, str]) -> str:
     f'# pqjax report: {report.title}',
     '',
     f'{len(s.leaves)} quantized leaves, {s.total_before:,} -> {s.total_after:,}'
-    f' bytes ({s.ratio:.2f}x smaller).',
+    f' bytes ({s.ratio:.2f}x smaller), {s.bits_per_weight:.3f} bits per weight.',
     '',
   ]
+  if len(s.widths) > 1:
+    out += [f'Widths: {s.widths_text()}.', '']
   out += [f'> {n}' for n in report.notes] + ([''] if report.notes else [])
   captions = {
     'curves': 'Reconstruction error against the exponent for a sample of layers'
     ' (exact error at each grid point); the dot is the exponent chosen.',
     'histograms': 'Weights over their block scale, with the quantization levels.',
     'exponents': 'Exponent of every quantized layer.',
+    'widths': 'Code width and stored bits per weight of every quantized layer.',
     'fidelity': 'Fidelity against bits for each setting.',
   }
   for key, file in images.items():
@@ -557,6 +575,8 @@ def write(report: Report, out: str | Path) -> Path:
     'curves': (report.curves, plots.error_curves),
     'histograms': (report.histograms, plots.histograms),
     'exponents': (report.layers, plots.exponents),
+    # Drawn where the widths differ (a bit budget chose them).
+    'widths': (report.layers if len(report.summary.widths) > 1 else (), plots.widths),
     'fidelity': (report.fidelity, plots.fidelity),
   }
   images = {}

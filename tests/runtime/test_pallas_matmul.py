@@ -36,12 +36,12 @@ TOL = {
 
 
 def unit(bits: int) -> tuple[int, int]:
-  return {2: (4, 1), 3: (8, 3), 4: (2, 1)}.get(bits, (1, 1))
+  return {2: (4, 1), 4: (2, 1), 8: (1, 1)}.get(bits, (8, bits))
 
 
 def pack(index: np.ndarray, bits: int, table_size: int) -> np.ndarray:
   """Packs table indices ``(K, N)`` into the stored code layout."""
-  if bits > 4:
+  if bits == 8:
     return (index - table_size // 2).astype(np.int8)
   codes, nbytes = unit(bits)
   k, n = index.shape
@@ -57,7 +57,7 @@ def decode(
   """Float64 ``(K, N)`` weight from packed codes: the format, written out."""
   codes = np.asarray(codes)
   n = codes.shape[1]
-  if bits > 4:
+  if bits == 8:
     index = codes.astype(np.int64) + len(table) // 2
   else:
     per, nbytes = unit(bits)
@@ -161,8 +161,8 @@ def test_formats(bits: int, grid: str, scales: str, k: int, m: int) -> None:
   'bits,grid,scales,m',
   [(5, 'full', 'g4', 1), (6, 'symmetric', 'channel', 7), (7, 'full', 'tensor', 2)],
 )
-def test_int8_widths(bits: int, grid: str, scales: str, m: int) -> None:
-  # 5 to 7 bits share the int8 storage of 8 bits, with smaller tables.
+def test_wide_units(bits: int, grid: str, scales: str, m: int) -> None:
+  # 5 to 7 bits: 8 codes in 5 to 7 bytes, wider than an int32 word.
   check(bits, grid, m, 200, 72, scales, np.float32, seed=bits)
 
 

@@ -71,7 +71,7 @@ def test_gradients_flow_to_activations_and_float_parameters():
       close(g, w, rtol=1e-4)
 
 
-@pytest.mark.parametrize('bits', [2, 3, 4, 5, 8])
+@pytest.mark.parametrize('bits', [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize('granularity', ['channel', 'tensor', 7])
 def test_row_lookups_decode_only_their_rows(bits, granularity):
   params_q, dq = quantized({'e': (45, 6)}, bits=bits, granularity=granularity)

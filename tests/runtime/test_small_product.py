@@ -23,10 +23,15 @@ def numpy_table(bits: int, grid: str, alpha: float = 0.7) -> np.ndarray:
   return (np.sign(q) * (np.abs(q) / d) ** (1 / alpha)).astype(np.float32)
 
 
+def numpy_unit(bits: int) -> tuple[int, int]:
+  """``(codes, bytes)`` of a unit: whole codes in a byte at 2 and 4 bits, else 8 codes."""
+  return (8 // bits, 1) if bits in (2, 4) else (8, bits)
+
+
 def numpy_pack(index: np.ndarray, bits: int) -> np.ndarray:
-  """Packs table indices ``(k, n)`` along k as the format describes (2 to 4 bits)."""
+  """Packs table indices ``(k, n)`` along k as the format describes (2 to 7 bits)."""
   k, n = index.shape
-  per_unit, nbytes = (8, 3) if bits == 3 else (8 // bits, 1)
+  per_unit, nbytes = numpy_unit(bits)
   units = -(-k // per_unit)
   padded = np.zeros((units * per_unit, n), np.int64)
   padded[:k] = index
@@ -43,10 +48,10 @@ def numpy_decode(
   """The float32 weight ``(k, n)``: table level times block scale, per the format."""
   codes = np.asarray(codes)
   n = codes.shape[1]
-  if bits > 4:
+  if bits == 8:
     index = codes.astype(np.int64) + len(table) // 2
   else:
-    per_unit, nbytes = (8, 3) if bits == 3 else (8 // bits, 1)
+    per_unit, nbytes = numpy_unit(bits)
     raw = codes.astype(np.int64).reshape(-1, nbytes, n)
     word = sum(raw[:, i] << (8 * i) for i in range(nbytes))
     index = np.stack(
@@ -69,7 +74,7 @@ def random_weight(
 ) -> tuple[np.ndarray, ...]:
   table = numpy_table(bits, grid)
   index = rng.integers(0, len(table), (k, n))
-  if bits <= 4:
+  if bits < 8:
     codes = numpy_pack(index, bits)
   else:
     codes = (index - len(table) // 2).astype(np.int8)  # signed codes q

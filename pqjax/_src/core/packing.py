@@ -14,18 +14,32 @@ import numpy as np
 from pqjax._src.core.blocks import block_view
 from pqjax._src.core.grid import qmax, zero_code
 
-# Codes of 5 bits and more are stored one a byte: the saving of a denser packing is
-# small next to the cost of decoding codes that straddle byte boundaries.
-PACKED_BITS = (2, 3, 4)
+# Widths packed as unsigned table indices; 8-bit codes are stored one signed int8 a
+# byte. At 3 and 5 to 7 bits a unit is 8 codes in ``bits`` bytes, so a mix of
+# widths chosen for a bit budget pays for each width what it stores.
+PACKED_BITS = (2, 3, 4, 5, 6, 7)
 
 
 def codes_per_unit(bits: int) -> tuple[int, int]:
   """``(codes, bytes)`` of one packing unit along K."""
-  if bits == 3:
-    return 8, 3
   if bits in (2, 4):
     return 8 // bits, 1
+  if bits in PACKED_BITS:
+    return 8, bits
   return 1, 1
+
+
+def unit_index(parts: list[jax.Array], j: int, bits: int) -> jax.Array:
+  """Table index (int32) of code ``j`` of packed units, from their bytes ``parts``.
+
+  A unit is a little-endian bit stream: code ``j`` holds bits ``[j * bits, (j + 1) *
+  bits)``, which lie in one byte or two consecutive ones.
+  """
+  lo, shift = divmod(j * bits, 8)
+  word = parts[lo].astype(jnp.int32)
+  if shift + bits > 8:
+    word = word | (parts[lo + 1].astype(jnp.int32) << 8)
+  return (word >> shift) & ((1 << bits) - 1)
 
 
 def packed_rows(k: int, bits: int) -> int:
@@ -37,9 +51,10 @@ def packed_rows(k: int, bits: int) -> int:
 def pack(q: jax.Array, bits: int, zero: int | None = None) -> jax.Array:
   """Packs signed codes ``(K, N)`` into bytes along K.
 
-  2 and 4 bits: 4 and 2 codes a byte. 3 bits: 8 codes in 3 bytes (24 bits). 5 to 8
-  bits: one code a byte, stored as int8. Packed codes are the unsigned table index
-  ``q + zero`` (``zero`` is the table index of level 0, default ``qmax``).
+  2 and 4 bits: 4 and 2 codes a byte. 3 and 5 to 7 bits: 8 codes in ``bits`` bytes,
+  a little-endian bit stream (code ``j`` of a unit at bit ``j * bits``). 8 bits: one
+  code a byte, stored as int8. Packed codes are the unsigned table index ``q + zero``
+  (``zero`` is the table index of level 0, default ``qmax``).
   """
   chex.assert_rank(q, 2)
   if bits not in PACKED_BITS:
@@ -47,15 +62,46 @@ def pack(q: jax.Array, bits: int, zero: int | None = None) -> jax.Array:
   zero = qmax(bits) if zero is None else zero
   k, n = q.shape
   codes, nbytes = codes_per_unit(bits)
+  whole = k - k % codes
+  if whole and whole < k:
+    # Padding all the codes made XLA:CPU write them out first (2x the time of the
+    # encoding at 3 bits); only the last, partial unit is padded.
+    return jnp.concatenate(
+      [pack(q[:whole], bits, zero), pack(q[whole:], bits, zero)], axis=0
+    )
   u = (q + zero).astype(jnp.uint32)
-  pad = -k % codes
-  u = jnp.pad(u, ((0, pad), (0, 0)))
+  u = jnp.pad(u, ((0, -k % codes), (0, 0)))
   u = u.reshape(-1, codes, n)
+  if codes * bits > 32:
+    return _pack_stream(u, bits, nbytes)
   shifts = (jnp.arange(codes, dtype=jnp.uint32) * bits)[None, :, None]
   word = jnp.sum(u << shifts, axis=1, dtype=jnp.uint32)
   byte_shifts = (jnp.arange(nbytes, dtype=jnp.uint32) * 8)[None, :, None]
   out = (word[:, None, :] >> byte_shifts) & 0xFF
   return out.reshape(-1, n).astype(jnp.uint8)
+
+
+def _pack_stream(u: jax.Array, bits: int, nbytes: int) -> jax.Array:
+  """Units ``(units, 8, N)`` of table indices as ``nbytes`` bytes each, row-major.
+
+  A unit of 5 to 7 bits is wider than a 32-bit word: its first and last four codes
+  are summed into two words, and each byte is cut from one of them or both. (Bytes
+  shifted out of the codes one by one made XLA:CPU's encoding 5 times slower.)
+  """
+  units, codes, n = u.shape
+  half = codes // 2
+  shifts = (jnp.arange(half, dtype=jnp.uint32) * bits)[None, :, None]
+  lo = jnp.sum(u[:, :half] << shifts, axis=1, dtype=jnp.uint32)
+  hi = jnp.sum(u[:, half:] << shifts, axis=1, dtype=jnp.uint32)
+  split = half * bits  # the stream's bit where ``hi`` starts
+  out = []
+  for i in range(nbytes):
+    start = 8 * i
+    byte = lo >> start if start < split else jnp.zeros_like(lo)
+    if start + 8 > split:
+      byte = byte | (hi << (split - start) if split >= start else hi >> (start - split))
+    out.append(byte & 0xFF)
+  return jnp.stack(out, axis=1).reshape(-1, n).astype(jnp.uint8)
 
 
 def unpack(packed: jax.Array, bits: int, k: int, zero: int | None = None) -> jax.Array:
@@ -65,6 +111,11 @@ def unpack(packed: jax.Array, bits: int, k: int, zero: int | None = None) -> jax
   zero = qmax(bits) if zero is None else zero
   n = packed.shape[-1]
   codes, nbytes = codes_per_unit(bits)
+  if codes * bits > 32:
+    view = packed.reshape(-1, nbytes, n)
+    parts = [view[:, b] for b in range(nbytes)]
+    u = jnp.stack([unit_index(parts, j, bits) for j in range(codes)], axis=1)
+    return u.reshape(-1, n)[:k] - zero
   b = packed.astype(jnp.uint32).reshape(-1, nbytes, n)
   byte_shifts = (jnp.arange(nbytes, dtype=jnp.uint32) * 8)[None, :, None]
   word = jnp.sum(b << byte_shifts, axis=1, dtype=jnp.uint32)

@@ -147,6 +147,26 @@ class QArray:
     )
 
 
+def stored_nbytes(
+  shape: tuple[int, ...],
+  layer_axes: int,
+  bits: int,
+  levels: int,
+  nk: int,
+  ncol: int,
+  scale_itemsize: int,
+) -> int:
+  """Bytes a :class:`QArray` of these parameters holds (its ``nbytes``), unbuilt.
+
+  ``levels`` is the length of its table and ``nk`` by ``ncol`` its scale blocks per
+  layer.
+  """
+  layers = math.prod(shape[:layer_axes])
+  k, n = matrix_shape(tuple(shape[layer_axes:]))
+  codes = packing.packed_rows(k, bits) * n
+  return layers * (codes + nk * ncol * scale_itemsize + 4 + 4 * levels)
+
+
 # The array fields, in pytree order; checkpoints store one tensor for each.
 DATA_FIELDS = ('codes', 'scale', 'alpha', 'table')
 

@@ -7,7 +7,8 @@ metadata records the format name, a format version, the tree (dicts, lists, tupl
 None) with every leaf's shape and dtype and every QArray's bits and layer axes, and a
 SHA-256 over the metadata and the tensor bytes, so corruption anywhere is caught on
 load. Layer axes are recorded only where a QArray has some, so a QArray recorded
-without them (as every one was before they existed) has none.
+without them (as every one was before they existed) has none. Codes of 5 to 7 bits
+stored one int8 a byte (files written before they were packed) are packed on load.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from pqjax._src.core import grid
+from pqjax._src.core import grid, packing
 from pqjax._src.core.leaves import is_array, path_str
 from pqjax._src.core.qarray import DATA_FIELDS, QArray
 
@@ -65,6 +66,18 @@ def parse_dtype(name: Any) -> np.dtype:
 
 
 # --- tree <-> (spec, tensors) -------------------------------------------------------
+
+# Widths once stored one int8 code a byte, now packed 8 codes in ``bits`` bytes.
+LEGACY_BYTE_BITS = (5, 6, 7)
+
+
+def _pack_legacy(codes: Any, bits: int, table_size: int) -> jax.Array:
+  """Signed int8 codes ``(*layers, K, N)`` of an older file, packed as stored today."""
+  q = jnp.asarray(codes).astype(jnp.int32)
+  *layers, k, n = q.shape
+  pack = lambda x: packing.pack(x, bits, grid.zero_code(table_size))
+  packed = jax.vmap(pack)(q.reshape(-1, k, n))
+  return packed.reshape(*layers, packing.packed_rows(k, bits), n)
 
 
 @dataclasses.dataclass
@@ -219,6 +232,8 @@ def _decode(
     if type(layer_axes) is not int or layer_axes < 0:
       raise ValueError(f'bad layer_axes {layer_axes!r}')
     fields = {f: convert(_tensor(spec['fields'][f], tensors, used)) for f in DATA_FIELDS}
+    if bits in LEGACY_BYTE_BITS and np.dtype(fields['codes'].dtype) == np.int8:
+      fields['codes'] = _pack_legacy(fields['codes'], bits, fields['table'].shape[-1])
     return QArray(
       **fields,
       bits=bits,

@@ -12,8 +12,8 @@ The format. A weight viewed as ``(K, N)`` is stored as ``codes`` of shape
 bits    U, B    content of a unit (codes ``j = 0 .. U-1`` are rows ``U*i + j``)
 ======  ======  =====================================================================
 2, 4    8/b, 1  uint8; code ``j`` at bits ``[j*b, (j+1)*b)``: an unsigned table index
-3       8, 3    three uint8 rows, a 24-bit little-endian word; code ``j`` at bit ``3j``
-5 - 8   1, 1    int8 signed code ``q``; the table index is ``q + len(table) // 2``
+3, 5-7  8, b    ``b`` uint8 rows, a little-endian bit stream; code ``j`` at bit ``b*j``
+8       1, 1    int8 signed code ``q``; the table index is ``q + len(table) // 2``
 ======  ======  =====================================================================
 
 ``table`` (float32) holds the level of each index (``2**b`` entries for the full grid,
@@ -198,14 +198,16 @@ def supported(
   )
 
 
-# Codes along K decoded per loop step, by body and bit width (5 stands for 5 to 8).
+# Codes along K decoded per loop step, by body and bit width (5 stands for 5 to 7).
 # Sized from Triton's sm_90 output (registers, shared memory, spills): 64 units a
 # tile for gemv and small products, 32 for 3 bits (8 sub-products a tile: 64 units
 # spill or take 145 KB of shared memory), 32 units at 128 x 128 (64 at 8 bits).
+# 5 to 7 bits (8 sub-products from 5 to 7 byte planes) take 16 units, the least a
+# tensor-core product allows; not yet measured on a GPU.
 _DEFAULT_BLOCK_K = {
-  'gemv': {2: 256, 3: 256, 4: 128, 5: 64},
-  'dot': {2: 256, 3: 256, 4: 128, 5: 64},
-  'large': {2: 128, 3: 128, 4: 64, 5: 64},
+  'gemv': {2: 256, 3: 256, 4: 128, 5: 128, 8: 64},
+  'dot': {2: 256, 3: 256, 4: 128, 5: 128, 8: 64},
+  'large': {2: 128, 3: 128, 4: 64, 5: 128, 8: 64},
 }
 
 
@@ -263,13 +265,13 @@ def choose_tiling(
   Defaults, reasoned for an H100 (132 SMs) from the compiled code, to be checked with
   ``benchmarks/gpu.py``:
 
-  * one row: ``gemv``, 64 columns, 64 units of K a step (32 at 3 bits), codes
-    prefetched two tiles ahead at 2 to 4 bits;
+  * one row: ``gemv``, 64 columns, 64 units of K a step (32 at 3 bits, 16 at 5 to
+    7), codes prefetched two tiles ahead at 2 to 4 bits;
   * up to 64 rows (bound by reading the codes): ``dot`` with ``block_m`` the rows
     rounded up to a power of two (>= 16), 64 columns (32 while that leaves fewer
-    programs than SMs), 64 units a step (32 at 3 bits);
+    programs than SMs), 64 units a step (32 at 3 bits, 16 at 5 to 7);
   * more rows (bound by the tensor cores): 128 x 128 blocks, 32 units a step (64 at
-    5 to 8 bits), 8 warps.
+    8 bits, 16 at 5 to 7), 8 warps.
 
   Up to 64 rows, K is split until there are about ``4 * 132`` programs, keeping at
   least two tiles a split and the float32 partial sums (written, then read back)
@@ -309,7 +311,9 @@ def choose_tiling(
   _check_block('block_n', block_n, DOT_MIN)
   explicit_k = block_k is not None
   if block_k is None:
-    block_k = _DEFAULT_BLOCK_K['large' if large else method][min(bits, 5)]
+    block_k = _DEFAULT_BLOCK_K['large' if large else method][
+      min(bits, 5) if bits < 8 else 8
+    ]
     # No deeper than K needs, but never below the smallest valid tile.
     block_k = max(min(block_k, _next_pow2(k)), min_units * u)
   _check_block('block_k', block_k, min_units * u)
@@ -348,8 +352,9 @@ def choose_tiling(
   if num_stages is None:
     num_stages = 3
   if prefetch is None:
-    # At 5 to 8 bits the carried int8 tiles cost more instructions than they save
-    # (sm_90 SASS: 10.1 instead of 5.5 a code); at 2 to 4 bits, 2 to 12% more.
+    # At 8 bits the carried int8 tiles cost more instructions than they save
+    # (sm_90 SASS: 10.1 instead of 5.5 a code); at 2 to 4 bits, 2 to 12% more. 5 to
+    # 7 bits carry 5 to 7 byte planes a tile: left to Triton's pipelining.
     prefetch = not dot and bits <= 4
   elif prefetch and dot:
     raise ValueError('prefetch applies to gemv; dot loads are pipelined by Triton')
@@ -437,7 +442,9 @@ def _kernel(
   u, nbytes = codes_per_unit(p.bits)
   nu = p.units
   gemv = t_.method == 'gemv'
-  signed = p.bits > 4
+  signed = p.bits == 8
+  # Units wider than an int32 word (5 to 7 bits) are read byte plane by byte plane.
+  stream = u * p.bits > 32
   pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   iota_u = jnp.arange(nu, dtype=jnp.int32)
   cols = jnp.arange(t_.block_n, dtype=jnp.int32)
@@ -457,15 +464,21 @@ def _kernel(
     planes = [((t * nu + iota_u) * nbytes + b)[:, None] for b in range(nbytes)]
     return tuple(_load(codes_ref.at[r, cols[None, :]], mask) for r in planes)
 
-  def word_of(planes: tuple[jax.Array, ...]) -> jax.Array:
-    """The units as int32 words (sign-extended for int8 codes)."""
+  def word_of(planes: tuple[jax.Array, ...]) -> Any:
+    """The units as int32 words (sign-extended for int8 codes); wide units as planes."""
+    if stream:
+      return tuple(plane.astype(jnp.int32) for plane in planes)
     word: Any = None
     for b, plane in enumerate(planes):
       plane = plane.astype(jnp.int32)
       word = plane if word is None else word | (plane << (8 * b))
     return word
 
-  def code_index(word: jax.Array, j: int) -> jax.Array:
+  def code_index(word: Any, j: int) -> jax.Array:
+    if stream:
+      lo, shift = divmod(p.bits * j, 8)
+      both = word[lo] | (word[lo + 1] << 8) if shift + p.bits > 8 else word[lo]
+      return (both >> shift) & (2**p.bits - 1) if shift else both & (2**p.bits - 1)
     if signed:
       return word + p.table_size // 2
     idx = word >> (p.bits * j) if j else word
@@ -605,7 +618,7 @@ def _check(
       f'codes must be ({packed_rows(k, bits)}, N) for K = {k} at {bits}'
       f' bits, got shape {tuple(codes.shape)}'
     )
-  want = np.dtype(np.uint8) if bits <= 4 else np.dtype(np.int8)
+  want = np.dtype(np.uint8) if bits < 8 else np.dtype(np.int8)
   if np.dtype(codes.dtype) != want:
     raise ValueError(f'codes must be {want.name} at {bits} bits, got {codes.dtype}')
   if table.ndim != 1:
@@ -645,8 +658,8 @@ def packed_matmul(
 
   Args:
     x: activations ``(M, K)``, float32, bfloat16 or float16.
-    codes: packed codes ``(packed_rows(K, bits), N)``: uint8 for 2 to 4 bits, int8
-      for 5 to 8 (``QArray.codes``).
+    codes: packed codes ``(packed_rows(K, bits), N)``: uint8 for 2 to 7 bits, int8
+      for 8 (``QArray.codes``).
     scale: block scales ``(nk, ncol)``, float32 or float16 (``QArray.scale``).
     table: float32 levels, ``2**bits`` or ``2**bits - 1`` entries (``QArray.table``).
     bits: code width, 2 to 8.

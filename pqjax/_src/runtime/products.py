@@ -280,14 +280,16 @@ def decode_rows(weight: Weight, rows: jax.Array) -> jax.Array:
   q = weight.q
   k, n = q.matrix_shape
   per_unit, unit_bytes = packing.codes_per_unit(q.bits)
-  unit, j = rows // per_unit, rows % per_unit
-  word = jnp.zeros((*rows.shape, n), jnp.uint32)
-  for b in range(unit_bytes):
-    byte = jnp.take(q.codes, unit * unit_bytes + b, axis=0).astype(jnp.uint32)
-    word = word | (byte << (8 * b))
   if q.bits in packing.PACKED_BITS:
-    shift = (j * q.bits).astype(jnp.uint32)[..., None]
-    index = ((word >> shift) & ((1 << q.bits) - 1)).astype(jnp.int32)
+    # Code j of a unit lies in its byte (j * bits) // 8, and the next one if it
+    # crosses into it: two lookups, then a shift and a mask.
+    unit, j = rows // per_unit, rows % per_unit
+    lo, shift = (j * q.bits) // 8, (j * q.bits) % 8
+    byte = lambda r: jnp.take(q.codes, unit * unit_bytes + r, axis=0).astype(jnp.int32)
+    word = byte(lo)
+    if unit_bytes > 1:
+      word = word | (byte(jnp.minimum(lo + 1, unit_bytes - 1)) << 8)
+    index = (word >> shift[..., None]) & ((1 << q.bits) - 1)
   else:
     signed = jnp.take(q.codes, rows, axis=0).astype(jnp.int32)
     index = signed + grid.zero_code(q.table.shape[-1])

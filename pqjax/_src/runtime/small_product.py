@@ -8,9 +8,10 @@ read and decoded where they are multiplied, and only small buffers are written.
 
 Storage (the ``QArray`` format). The weight is viewed as ``(K, N)``; ``codes`` holds
 ``packed_rows(K, bits)`` rows packed along K: at 2 and 4 bits 4 and 2 codes a byte
-(code ``j`` of a byte at bit ``j * bits``), at 3 bits 8 codes in 3 bytes (a 24-bit
-little-endian word), at 5 to 8 bits one signed int8 code ``q`` a byte. Packed codes at
-2 to 4 bits are table indices; an int8 code ``q`` is index ``q + len(table) // 2``.
+(code ``j`` of a byte at bit ``j * bits``), at 3 and 5 to 7 bits 8 codes in ``bits``
+bytes (a little-endian bit stream, code ``j`` at bit ``j * bits``), at 8 bits one
+signed int8 code ``q`` a byte. Packed codes at 2 to 7 bits are table indices; an int8
+code ``q`` is index ``q + len(table) // 2``.
 ``scale`` is ``(nk, ncol)``: ``nk`` blocks of ``ceil(K / nk)`` rows (the last may be
 shorter) and one scale for all columns (``ncol = 1``) or one per column.
 
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pqjax._src.core import packing
 from pqjax._src.core.grid import MAX_BITS, MIN_BITS
 from pqjax._src.core.packing import codes_per_unit, packed_rows
 
@@ -116,7 +118,7 @@ def packed_product(
   Args:
     x: ``(..., k)`` floating activations, a few rows (see
       :func:`prefers_packed_product`).
-    codes: ``(packed_rows(k, bits), N)`` packed codes, uint8 at 2 to 4 bits, int8 above.
+    codes: ``(packed_rows(k, bits), N)`` packed codes, uint8 at 2 to 7 bits, int8 at 8.
     scale: ``(nk, ncol)`` block scales, ``ncol`` 1 or N.
     table: the level of each table index, ``2 ** bits`` (full grid) or
       ``2 ** bits - 1`` (symmetric grid) entries.
@@ -218,16 +220,13 @@ def _check(
 def _levels(parts: list[jax.Array], j: int, table: jax.Array, bits: int) -> jax.Array:
   """Table level of code ``j`` of each unit.
 
-  ``parts``: the unit's bytes (one int8 code at 5 to 8 bits).
+  ``parts``: the unit's bytes (one int8 code at 8 bits).
   """
   if bits > SELECT_BITS:
-    if len(parts) == 1 and bits > 4:  # one signed int8 code
+    if bits in packing.PACKED_BITS:
+      index = packing.unit_index(parts, j, bits)
+    else:
       index = parts[0].astype(jnp.int32) + table.shape[0] // 2
-    else:  # code j of a packed unit of 1 or 3 bytes
-      word = parts[0].astype(jnp.int32)
-      for b in range(1, len(parts)):
-        word = word | (parts[b].astype(jnp.int32) << (8 * b))
-      index = (word >> (j * bits)) & ((1 << bits) - 1)
     return table.at[index].get(mode='promise_in_bounds')
   # The symmetric grid's table is one short: its last index is never stored.
   levels = [table[min(i, table.shape[0] - 1)] for i in range(2**bits)]

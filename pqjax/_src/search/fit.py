@@ -7,6 +7,7 @@ layer's shape.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -59,6 +60,133 @@ def search_stats(
   )
 
 
+# Under a bit budget every layer's error is estimated at every candidate width: a
+# shorter search (a grid of 8 exponents by 4 clip ratios, one round of a few
+# golden-section steps) on bins only as fine as the width's levels need, then the
+# error at its result on the full bins. On MiniLM these errors are within 2% of the
+# full search's on average, at each width from 2 to 8 bits, for half its time.
+
+
+def estimate_config(config: SearchConfig) -> SearchConfig:
+  """The shorter schedule of :func:`width_errors`, in ``config``'s ranges."""
+  return dataclasses.replace(
+    config,
+    grid=min(config.grid, 8),
+    clip_grid=min(config.clip_grid, 4),
+    iters=min(config.iters, 6),
+    clip_iters=min(config.clip_iters, 5),
+    rounds=1,
+  )
+
+
+def estimate_bins(bits: int) -> tuple[int, int]:
+  """Bins of the estimate's golden-section steps and of its grid, at ``bits``.
+
+  Finer with more levels: 256 up to 4 bits, 512 at 5 and 6, 1024 at 7 and 8.
+  """
+  return 256 << max(0, (bits - 3) // 2), 128 if bits < 5 else 256
+
+
+@functools.partial(jax.jit, static_argnames=('widths', 'grid', 'plan', 'config'))
+def width_errors(
+  stats: jax.Array,
+  alpha: jax.Array,
+  clip: jax.Array,
+  exponents: jax.Array,
+  *,
+  widths: tuple[int, ...],
+  grid: str,
+  plan: Plan,
+  config: SearchConfig,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Estimated error of each layer at each width, and where it was found.
+
+  From binned stats ``(L, 2, bins, 2)``: ``(errors, alphas, clips)``, each
+  ``(len(widths), L)``. Like :func:`stats_error`, each error is the layer's less a
+  constant of that layer, the same at every width. ``exponents`` as in
+  :func:`search_stats`.
+  """
+  bins = stats.shape[2]
+  weights = sum_weights(exponents)
+  short = estimate_config(config)
+
+  def at(bits: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    fine_bins, grid_bins = estimate_bins(bits)
+    fine = coarsen(stats, max(1, bins // fine_bins))
+    coarse = coarsen(stats, max(1, bins // grid_bins))
+    a, c = minimise(
+      lambda a, c: stats_error(fine, a, c, bits, grid),
+      alpha,
+      clip,
+      plan,
+      short,
+      lambda a, c: stats_error(coarse, a, c, bits, grid),
+      weights=weights,
+    )
+    return stats_error(stats, a, c, bits, grid), a, c
+
+  errors, alphas, clips = zip(*[at(b) for b in widths])
+  return jnp.stack(errors), jnp.stack(alphas), jnp.stack(clips)
+
+
+@functools.partial(jax.jit, static_argnames=('widths', 'grid', 'plan', 'config', 'warm'))
+def search_widths(
+  stats: Sequence[jax.Array],
+  alpha: jax.Array,
+  clip: jax.Array,
+  exponents: jax.Array,
+  *,
+  widths: tuple[int, ...],
+  grid: str,
+  plan: Plan,
+  config: SearchConfig,
+  warm: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """The search of layers at several widths, in one program.
+
+  ``stats[i]`` holds the layers at ``widths[i]``; ``alpha`` and ``clip`` are all
+  layers', in that order. Without ``warm`` each layer is searched as
+  :func:`search_stats` searches it at its width, and with ``plan.shared`` one
+  exponent minimises the summed error of all. With ``warm`` the search starts from
+  ``(alpha, clip)`` (a point of :func:`width_errors`), whose short search stands for
+  the grid and the first round: one round of golden-section steps on the full
+  bins, brackets one grid step either side. On MiniLM that ends within 0.3% of the
+  full search's error at 5 bits and below it at 6 to 8, in half its time.
+  """
+  weights = sum_weights(exponents)
+  sizes = [s.shape[0] for s in stats]
+  offsets = np.cumsum([0] + sizes)
+  cuts = list(zip(offsets[:-1], offsets[1:]))
+  bins = stats[0].shape[2]
+  coarse = [coarsen(s, max(1, bins // GRID_BINS)) for s in stats]
+
+  def objective(every: Sequence[jax.Array]):
+    return lambda a, c: jnp.concatenate(
+      [
+        stats_error(s, a[lo:hi], c[lo:hi], b, grid)
+        for s, b, (lo, hi) in zip(every, widths, cuts)
+      ]
+    )
+
+  if warm:
+    return alternate(
+      objective(stats),
+      alpha,
+      clip,
+      plan=plan,
+      a_half=(config.hi - config.lo) / (config.grid - 1),
+      c_half=(1.0 - config.clip_lo) / (config.clip_grid - 1),
+      iters=config.iters,
+      clip_iters=config.clip_iters,
+      rounds=1,
+      config=config,
+      weights=weights,
+    )
+  return minimise(
+    objective(stats), alpha, clip, plan, config, objective(coarse), weights=weights
+  )
+
+
 def needs_refine(size: int, config: SearchConfig) -> bool:
   """Whether layers of ``size`` weights get the exact refinement."""
   return config.refine_iters > 0 and size < config.refine_below
@@ -71,23 +199,25 @@ def refine_layers(
   clip: jax.Array,
   *,
   views: Sequence[tuple[int, int, int, int]],
-  bits: int,
+  bits: int | tuple[int, ...],
   grid: str,
   plan: Plan,
   config: SearchConfig,
 ) -> tuple[jax.Array, jax.Array]:
   """Exact refinement of ``(alpha, clip)`` (one each per layer, groups in order).
 
-  ``views[i]`` is ``(K, N, nk, ncol)`` of group ``i``.
+  ``views[i]`` is ``(K, N, nk, ncol)`` of group ``i``; ``bits`` is every group's
+  width, or each one's.
   """
   prepared = [
     prepare_stack(stack(g, k, n), nk, ncol) for g, (k, n, nk, ncol) in zip(groups, views)
   ]
   exponents = [layer_exponent(scale) for _, scale in prepared]
   err = jax.vmap(functools.partial(operator.block_error, grid=grid))
+  widths = bits if isinstance(bits, tuple) else (bits,) * len(prepared)
   fs = [
-    (exact_inputs(xs, bits, grid), normalise(scale, e))
-    for (xs, scale), e in zip(prepared, exponents)
+    (exact_inputs(xs, b, grid), normalise(scale, e))
+    for (xs, scale), e, b in zip(prepared, exponents, widths)
   ]
   sizes = [xs.shape[0] for xs, _ in prepared]
   offsets = np.cumsum([0] + sizes)

@@ -11,6 +11,10 @@ from pqjax._src.search.stats import bin_edges, centre
 # Up to this many levels a side, a lookup by code is a sum of selects, which XLA:CPU
 # runs several times faster than a gather.
 _SELECT_LEVELS = 17
+# Above this many thresholds a side (6 to 8 bits), each bin edge's code is counted
+# from the bin of each threshold rather than by comparing every edge with every
+# threshold: the same integers, the objective 2 to 8 times faster there.
+_COMPARE_STEPS = 16
 
 
 def _lookup(table: jax.Array, k: jax.Array) -> jax.Array:
@@ -21,6 +25,24 @@ def _lookup(table: jax.Array, k: jax.Array) -> jax.Array:
   for j in range(table.shape[1]):
     out = jnp.where(k == j, table[:, j : j + 1], out)
   return out
+
+
+def _edge_codes(t: jax.Array, bins: int) -> jax.Array:
+  """``k[l, e]``: how many thresholds ``t[l]`` lie at or below bin edge ``e``.
+
+  Each threshold's first edge at or above it is found from its place in the bins
+  (uniform in ``x ** (1/4)``), corrected against the edges themselves so that it
+  is exact, and the counts are a running sum of those places.
+  """
+  edges = jnp.concatenate([bin_edges(bins), jnp.full((1,), jnp.inf, jnp.float32)])
+  first = jnp.clip(jnp.ceil(jnp.sqrt(jnp.sqrt(t)) * bins).astype(jnp.int32), 0, bins + 1)
+  for _ in range(2):
+    below = edges[jnp.maximum(first - 1, 0)]
+    first = jnp.where((first >= 1) & (below >= t), first - 1, first)
+    first = jnp.where(edges[jnp.minimum(first, bins)] < t, first + 1, first)
+  rows = jnp.arange(t.shape[0])[:, None]
+  hits = jnp.zeros((t.shape[0], bins + 2), jnp.int32).at[rows, first].add(1)
+  return jnp.cumsum(hits, axis=1)[:, : bins + 1]
 
 
 def _side_error(w: jax.Array, a: jax.Array, c: jax.Array, d: int, grid: str) -> jax.Array:
@@ -37,9 +59,12 @@ def _side_error(w: jax.Array, a: jax.Array, c: jax.Array, d: int, grid: str) -> 
   levels = c * grid_lib.level_magnitude(jnp.arange(d + 1), a, d)  # (L, d + 1)
   t = c * grid_lib.side_thresholds(a, d, grid)  # (L, d)
   edges = bin_edges(bins)
-  k = jnp.zeros((t.shape[0], bins + 1), jnp.int32)
-  for j in range(d):
-    k = k + (edges[None, :] >= t[:, j : j + 1]).astype(jnp.int32)
+  if d > _COMPARE_STEPS:
+    k = _edge_codes(t, bins)
+  else:
+    k = jnp.zeros((t.shape[0], bins + 1), jnp.int32)
+    for j in range(d):
+      k = k + (edges[None, :] >= t[:, j : j + 1]).astype(jnp.int32)
   k_lo, k_hi = k[:, :-1], k[:, 1:]
   l_lo, l_hi = _lookup(levels, k_lo), _lookup(levels, k_hi)
   lo, hi = edges[:-1], edges[1:]
