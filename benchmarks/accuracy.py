@@ -228,6 +228,13 @@ def main() -> None:
   parser.add_argument(
     '--methods', nargs='*', default=None, help='subset of the method names (default: all)'
   )
+  parser.add_argument(
+    '--budgets',
+    type=float,
+    nargs='*',
+    default=[2.5, 3.0, 3.5, 4.0, 4.25],
+    help='bits per weight of the bit-budget rows (none: skip them)',
+  )
   parser.add_argument('--no-qwix', action='store_true')
   parser.add_argument('--name', default='accuracy')
   args = parser.parse_args()
@@ -290,6 +297,23 @@ def main() -> None:
           minilm.embed_all(embed, params_nf4, text),
           seconds,
         )
+  for budget in args.budgets:
+    # Each leaf's width chosen in 2..8 for the budget, scales per channel.
+    start = time.perf_counter()
+    params_q, _ = pqjax.quantize(model.params, bits_per_weight=budget)
+    jax.block_until_ready(params_q)
+    seconds = time.perf_counter() - start
+    s = pqjax.summary(params_q)
+    widths = ' '.join(f'{b}:{n}' for b, n in s.widths.items())
+    record(
+      f'budget {budget}',
+      'channel',
+      f'pqjax bit budget (widths: leaves {widths})',
+      pqjax.relative_error(model.params, params_q),
+      s.bits_per_weight,
+      minilm.embed_all(embed, params_q, text),
+      seconds,
+    )
   for bits, layout, name, variant, quantizer in REFERENCES:
     if bits in args.bits and (not args.methods or name in args.methods):
       start = time.perf_counter()
@@ -349,6 +373,10 @@ def main() -> None:
     '| bits | granularity | method | relative error | bits / weight | mean cosine |'
     ' min cosine | seconds |',
     '|---|---|---|---|---|---|---|---|',
+  ]
+  lines += [
+    f'| {b} | {g} | {m} | {e:.5f} | {w:.3f} | {c:.4f} | {lo:.4f} | {t:.2f} |'
+    for b, g, m, e, w, c, lo, t in rows
   ]
   publish(args.name, lines)
 

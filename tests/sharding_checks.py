@@ -102,6 +102,19 @@ def test_bits_and_granularities(bits, granularity, specs):
     _check_against_one_device(q, ref, alphas, ref_alphas, leaves)
 
 
+@pytest.mark.parametrize('spec', [P('x', 'y'), P(None, 'y')])
+def test_bit_budget_matches_one_device(spec):
+  # Widths 5 to 7 pack 8 codes in ``bits`` bytes: a K shard must hold whole units.
+  params = _params(2)
+  ref, ref_alphas = pqjax.quantize(params, bits_per_weight=4.4)
+  widths = {k: x.bits for k, x in ref.items()}
+  assert len(set(widths.values())) > 1
+  leaves = _put(params, _mesh('2x4'), spec)
+  q, alphas = pqjax.quantize(leaves, bits_per_weight=4.4)
+  assert {k: x.bits for k, x in q.items()} == widths
+  _check_against_one_device(q, ref, alphas, ref_alphas, leaves)
+
+
 def test_conv_kernel_and_global_exponent():
   mesh = _mesh('4x2')
   rng = np.random.default_rng(2)

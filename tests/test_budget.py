@@ -67,7 +67,11 @@ def test_thinned_frontier_stays_within_the_budget():
   thin = budget.allocate(costs, damages, limit, max_frontier=64)
   value = lambda ch: sum(d[i] for d, i in zip(damages, ch))
   assert sum(c[i] for c, i in zip(costs, thin)) <= limit
-  assert value(exact) <= value(thin) <= value(exact) * 1.1
+  # Each of the 12 thinnings costs at most one span of limit / 64 bytes: the thinned
+  # result is at least as good as the exact one with 12 spans less.
+  smaller = budget.allocate(costs, damages, limit - 12 * math.ceil(limit / 64))
+  assert value(exact) <= value(thin) <= value(smaller)
+  assert value(smaller) > value(exact)  # the bound is not trivially loose
 
 
 @pytest.mark.parametrize('bpw', [0.1, 1 / 3, 3.5, 4.123456789, 8.0])
@@ -84,10 +88,10 @@ def test_budget_bytes_is_exact(bpw):
 def _tree(seed=0):
   rng = np.random.default_rng(seed)
   return {
-    'a': rng.standard_normal((64, 48)).astype(np.float32),
-    'b': (rng.laplace(size=(96, 32)) * 0.1).astype(np.float32),
-    'c': rng.uniform(-1, 1, (40, 24)).astype(np.float32),
-    'stack': rng.standard_normal((3, 32, 16)).astype(np.float32)
+    'a': rng.standard_normal((256, 192)).astype(np.float32),
+    'b': (rng.laplace(size=(384, 128)) * 0.1).astype(np.float32),
+    'c': rng.uniform(-1, 1, (160, 96)).astype(np.float32),
+    'stack': rng.standard_normal((3, 128, 64)).astype(np.float32)
     * np.float32(2.0) ** np.arange(3, dtype=np.float32)[:, None, None],
     'bias': rng.standard_normal(16).astype(np.float32),
   }
@@ -167,8 +171,8 @@ def test_widths_follow_the_budget_and_the_range():
 
 def test_deterministic_and_decodes():
   params = _tree(3)
-  a, alpha_a = pqjax.quantize(params, bits_per_weight=3.6, granularity=8)
-  b, alpha_b = pqjax.quantize(params, bits_per_weight=3.6, granularity=8)
+  a, alpha_a = pqjax.quantize(params, bits_per_weight=4.6, granularity=8)
+  b, alpha_b = pqjax.quantize(params, bits_per_weight=4.6, granularity=8)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
@@ -223,12 +227,16 @@ def test_reachable_range_is_reachable():
   params = _tree()
   with pytest.raises(ValueError) as e:
     pqjax.quantize(params, bits_per_weight=1.0)
-  lo, hi = (float(x) for x in str(e.value).split('store ')[1].split(' bits')[0].split(' to '))
+  lo, hi = (
+    float(x) for x in str(e.value).split('store ')[1].split(' bits')[0].split(' to ')
+  )
   for bpw in (lo, hi):
     s = pqjax.summary(pqjax.quantize(params, bits_per_weight=bpw)[0])
     assert s.bits_per_weight <= bpw
-  widths = {x.bits for x in pqjax.summary(pqjax.quantize(params, bits_per_weight=hi)[0]).leaves}
-  assert widths == {8}
+  # The ends are printed rounded inwards to 4 decimals: one step out is out of reach.
+  for bpw in (lo - 1e-4, hi + 1e-4):
+    with pytest.raises(ValueError, match='out of reach'):
+      pqjax.quantize(params, bits_per_weight=bpw)
 
 
 def test_one_width_keeps_its_meaning():
@@ -238,7 +246,10 @@ def test_one_width_keeps_its_meaning():
   for x, y in zip(jax.tree_util.tree_leaves(default), jax.tree_util.tree_leaves(four)):
     assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
   assert {q.bits for q in pqjax.quantized_leaves(four).values()} == {4}
-  assert QuantizeOptions().bits == 4 and QuantizeOptions(bits_per_weight=3.0).bits == (2, 8)
+  assert QuantizeOptions().bits == 4 and QuantizeOptions(bits_per_weight=3.0).bits == (
+    2,
+    8,
+  )
 
 
 def test_empty_tree_and_zero_leaves():
@@ -250,3 +261,88 @@ def test_empty_tree_and_zero_leaves():
   params_q, _ = pqjax.quantize(zeros, bits_per_weight=3.0)
   assert np.all(np.asarray(pqjax.dequantize(params_q)['z']) == 0)
   assert params_q['z'].bits == 2  # an exact zero needs no bits
+
+
+# --- checkpoints and the command line ---------------------------------------------------
+
+
+@pytest.mark.parametrize('fmt', ['safetensors', 'orbax'])
+def test_checkpoints_keep_each_width(tmp_path, fmt):
+  params = _tree(5)
+  params_q, _ = pqjax.quantize(params, bits_per_weight=4.6, layer_axes=_stack_axes)
+  q = pqjax.quantized_leaves(params_q)
+  assert len({x.bits for x in q.values()}) > 1
+  if fmt == 'safetensors':
+    pqjax.save_safetensors(tmp_path / 'q.safetensors', params_q)
+    back = pqjax.quantized_leaves(pqjax.load_safetensors(tmp_path / 'q.safetensors'))
+  else:
+    pqjax.save_orbax(tmp_path / 'q', params_q)
+    back = pqjax.quantized_leaves(pqjax.load_orbax(tmp_path / 'q'))
+  assert {p: x.bits for p, x in back.items()} == {p: x.bits for p, x in q.items()}
+  for p, x in q.items():
+    assert np.asarray(back[p].codes).tobytes() == np.asarray(x.codes).tobytes()
+    np.testing.assert_array_equal(back[p].dequantize(), x.dequantize())
+
+
+def _codes_refs(spec, out):
+  """Every QArray's codes reference in a checkpoint spec, with its bits."""
+  if isinstance(spec, dict):
+    if 'fields' in spec and 'codes' in spec['fields']:
+      out.append((spec['bits'], spec['fields']['codes']))
+    for v in spec.values():
+      _codes_refs(v, out)
+  elif isinstance(spec, list):
+    for v in spec:
+      _codes_refs(v, out)
+  return out
+
+
+@pytest.mark.parametrize('bits', [5, 6, 7])
+@pytest.mark.parametrize('leaf,axes', [('c', 0), ('stack', 1)])
+def test_files_with_one_code_a_byte_load_packed(bits, leaf, axes):
+  # Files written before 5 to 7 bits were packed hold one signed int8 code a byte.
+  from pqjax._src.core import grid, packing
+  from pqjax._src.io import treespec
+
+  params_q, _ = pqjax.quantize({leaf: _tree(6)[leaf]}, bits, layer_axes=axes)
+  x = params_q[leaf]
+  spec, tensors = treespec.flatten(params_q)
+  ((_, ref),) = _codes_refs(spec, [])
+  k, n = x.matrix_shape
+  packed = np.asarray(tensors[ref['name']]).reshape(-1, packing.packed_rows(k, bits), n)
+  zero = grid.zero_code(x.table.shape[-1])
+  old = np.stack([np.asarray(packing.unpack(c, bits, k, zero), np.int8) for c in packed])
+  old = old.reshape(*x.shape[:axes], k, n)
+  assert np.abs(old).max() <= 2 ** (bits - 1)
+  tensors[ref['name']] = old
+  ref['dtype'], ref['shape'] = 'int8', list(old.shape)
+  back = treespec.unflatten(spec, tensors, 'old.safetensors')[leaf]
+  assert np.asarray(back.codes).tobytes() == np.asarray(x.codes).tobytes()
+  np.testing.assert_array_equal(back.dequantize(), x.dequantize())
+
+
+def test_command_line_budget_and_info(tmp_path, capsys):
+  from safetensors.numpy import save_file
+
+  from pqjax.tools.cli import main
+
+  tensors = {k.replace('/', '.'): v for k, v in _tree(7).items() if k != 'stack'}
+  save_file(tensors, tmp_path / 'p.safetensors')
+  out = tmp_path / 'q.safetensors'
+  argv = ['quantize', str(tmp_path / 'p.safetensors'), str(out)]
+  assert main([*argv, '--bits-per-weight', '3.7']) == 0
+  s = pqjax.summary(pqjax.load(out))
+  assert s.bits_per_weight <= 3.7 and len(s.widths) > 1
+  capsys.readouterr()
+  assert main(['info', str(out)]) == 0
+  text = capsys.readouterr().out
+  assert f'widths: {s.widths_text()}' in text
+  assert main([*argv, '--bits-per-weight', '3.7', '--bits', '3..4', '--force']) == 0
+  assert set(pqjax.summary(pqjax.load(out)).widths) <= {3, 4}
+  capsys.readouterr()
+  assert main([*argv, '--bits-per-weight', '1.0', '--force']) == 1
+  err = capsys.readouterr().err
+  assert 'out of reach' in err and len(err.strip().splitlines()) == 1
+  capsys.readouterr()
+  assert main([*argv, '--bits', '4', '--bits-per-weight', '3.5', '--force']) == 1
+  assert 'conflict' in capsys.readouterr().err

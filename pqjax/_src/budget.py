@@ -27,7 +27,8 @@ import numpy as np
 
 # Past this many points on the frontier (trees of many hundreds of leaves), the
 # frontier keeps the least damage in each of this many equal spans of stored bytes:
-# an approximation, within one span of the exact optimum's cost.
+# an approximation, at least as good as the exact optimum of a budget smaller by one
+# span for each leaf taken after the first thinning.
 MAX_FRONTIER = 1 << 16
 # The default importance is the layer's size to this power (see the module doc).
 SIZE_POWER = 0.2
@@ -100,8 +101,9 @@ def allocate(
     cost, damage, parent, option = cost[fits], damage[fits], parent[fits], option[fits]
     keep = np.ones(cost.size, bool)
     keep[1:] = damage[1:] < np.minimum.accumulate(damage)[:-1]
-    if keep.sum() > max_frontier:
-      keep &= _thin(cost, damage, budget, max_frontier)
+    keep = np.flatnonzero(keep)
+    if keep.size > max_frontier:
+      keep = keep[_thin(cost[keep], budget, max_frontier)]
     f_cost, f_damage = cost[keep], damage[keep]
     trail.append((parent[keep], option[keep]))
   j = int(np.argmin(f_damage))
@@ -113,10 +115,10 @@ def allocate(
   return choice
 
 
-def _thin(cost: np.ndarray, damage: np.ndarray, budget: int, size: int) -> np.ndarray:
-  """The frontier points of least damage in each of ``size`` spans of cost."""
+def _thin(cost: np.ndarray, budget: int, size: int) -> np.ndarray:
+  """Of a frontier, the point of least damage in each of ``size`` spans of cost.
+
+  Costs ascend and damages descend along a frontier: that point is the span's last.
+  """
   span = np.floor_divide(cost * size, max(budget, 1))
-  keep = np.zeros(cost.size, bool)
-  # Costs ascend, damages descend: the last point of each span has the least damage.
-  keep[np.flatnonzero(np.diff(span, append=span[-1] + 1))] = True
-  return keep
+  return np.flatnonzero(np.diff(span, append=span[-1] + 1))

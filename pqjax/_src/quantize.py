@@ -224,7 +224,10 @@ def layer_exponents(group_stats: Sequence[GroupStats]) -> jax.Array:
   """Each layer's scale exponent ``(L,)``, groups in order (see ``stats.normalise``)."""
   return jnp.asarray(
     np.concatenate(
-      [stats.layer_exponent(np.asarray(sharding.gather(s.absmax)), np) for s in group_stats]
+      [
+        stats.layer_exponent(np.asarray(sharding.gather(s.absmax)), np)
+        for s in group_stats
+      ]
     )
   )
 
@@ -370,12 +373,11 @@ def choose_widths(
 
   ValueError where the budget is outside what the range of widths can store.
   """
+  if not groups:
+    none = jnp.zeros((0,), jnp.float32)
+    return Widths([], [], [], none, none)
   table = width_table(groups, group_stats, options)
-  chosen = (
-    budget.allocate(table.costs, table.damages, table.limit)
-    if table.leaves
-    else np.zeros(0, np.int64)
-  )
+  chosen = budget.allocate(table.costs, table.damages, table.limit)
   bits_of = {id(leaf): options.widths[c] for leaf, c in zip(table.leaves, chosen)}
   # Each layer's estimate at its leaf's width, in the layers' order.
   per_layer = np.repeat(chosen, [leaf.layer_count for leaf in table.leaves])
