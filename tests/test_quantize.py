@@ -96,7 +96,7 @@ def test_filter_chooses_leaves_by_path():
   )
 
 
-@pytest.mark.parametrize('bits', [1, 9, 0, -4, 4.0, '4', True, None])
+@pytest.mark.parametrize('bits', [1, 9, 0, -4, 4.0, '4', True])
 def test_bad_bits(bits):
   with pytest.raises(ValueError, match='bits must be an integer in 2..8'):
     pqjax.quantize(_params(), bits)

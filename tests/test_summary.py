@@ -10,14 +10,15 @@ import pqjax
 
 
 def packed_bytes(k: int, n: int, bits: int) -> int:
-  """Bytes of packed codes: along K, 4 (2 bits), 8 in 3 bytes (3), 2 (4) or 1 a byte."""
+  """Bytes of packed codes along K: 4 a byte (2 bits), 2 a byte (4), 8 in ``bits``
+  bytes (3, 5, 6, 7) or 1 a byte (8)."""
   if bits == 2:
     return math.ceil(k / 4) * n
-  if bits == 3:
-    return math.ceil(k / 8) * 3 * n
   if bits == 4:
     return math.ceil(k / 2) * n
-  return k * n
+  if bits == 8:
+    return k * n
+  return math.ceil(k / 8) * bits * n
 
 
 def qarray_bytes(shape, bits, scales, scale_bytes=4, grid='full'):

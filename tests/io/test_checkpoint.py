@@ -121,7 +121,7 @@ def test_safetensors_layout_read_by_hand(tmp_path, tree):
   np.testing.assert_array_equal(codes, np.asarray(q.codes))
   assert header['encoder/layers/1/f32.codes']['shape'] == [9, 16]  # 3 bits: 8 in 3 bytes
   assert header['encoder/layers/2/f32.codes']['shape'] == [12, 16]  # 4 bits: 2 a byte
-  assert header['decoder/0/f32.codes']['dtype'] == 'I8'  # 6 bits: one a byte
+  assert header['decoder/0/f32.codes']['dtype'] == 'U8'  # 6 bits: 8 in 6 bytes
   assert header['encoder/norm/scale']['dtype'] == 'BF16'
   assert header['head/kernel.alpha']['shape'] == []
   assert 'empty' not in header and 'encoder/norm/bias' not in header

@@ -68,10 +68,14 @@ def test_string_leaf_fails_before_quantizing(tmp_path, capsys):
 @pytest.mark.parametrize(
   'argv, message',
   [
-    (['quantize', 'a.msgpack', 'b.safetensors', '--bits', '9'], 'invalid choice: 9'),
     (
-      ['quantize', 'a.msgpack', 'b.safetensors', '--bits', 'abc'],
-      "invalid int value: 'abc'",
+      ['quantize', 'a.msgpack', 'b.safetensors', '--bits', '9'],
+      "--bits: must be a width in 2..8 or a range LO..HI of them, got '9'",
+    ),
+    (['quantize', 'a.msgpack', 'b.safetensors', '--bits', 'abc'], "got 'abc'"),
+    (
+      ['quantize', 'a.msgpack', 'b.safetensors', '--bits-per-weight', 'x'],
+      "--bits-per-weight: must be a number, got 'x'",
     ),
     (['quantize', 'a.msgpack'], 'required: output'),
     (['frob'], "invalid choice: 'frob'"),
