@@ -100,6 +100,7 @@ def main() -> None:
   parser.add_argument('--sentences', type=int, default=512)
   parser.add_argument('--repeats', type=int, default=7)
   parser.add_argument('--skip-estimates', action='store_true')
+  parser.add_argument('--name', default='budget', help='writes results/<name>.md')
   args = parser.parse_args()
 
   model = minilm.load()
@@ -186,7 +187,7 @@ def main() -> None:
       f'| {name} | {warm:.3f} | {warm / base:.2f}x | {colds[key]:.2f} |'
       f' {colds[key] / cold_base:.2f}x |'
     )
-  publish('budget', lines)
+  publish(args.name, lines)
 
 
 if __name__ == '__main__':
