@@ -232,7 +232,8 @@ def measure(s: Scenario, folder: Path, names: tuple[str, ...]) -> list[dict[str,
       params, fn = variant(s, name, paths, inputs)
       compiled = _compiled(s, fn, params, inputs)
     except Exception as e:  # a peer that does not run this model
-      rows[name] = {'variant': name, 'error': f'{type(e).__name__}: {str(e)[:100]}'}
+      first = ' '.join(str(e).split())[:100]  # one line of the table
+      rows[name] = {'variant': name, 'error': f'{type(e).__name__}: {first}'}
       continue
     memory = compiled.memory_analysis()
     state: dict[str, Any] = {}
@@ -326,6 +327,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='skip peak RSS processes')
   parser.add_argument('--scenarios', nargs='*', help='names of scenarios to run')
+  parser.add_argument('--name', default='inference', help='writes results/<name>.md')
   parser.add_argument('--child', nargs=3, metavar=('KIND', 'SCENARIO', 'FOLDER'))
   parser.add_argument('--variant')
   args = parser.parse_args()
@@ -371,7 +373,7 @@ def main() -> None:
       table = _table(s, rows, rss)
       print('\n'.join(table), flush=True)
       lines += table
-  publish('inference', lines)
+  publish(args.name, lines)
 
 
 if __name__ == '__main__':

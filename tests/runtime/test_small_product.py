@@ -246,6 +246,9 @@ def test_prefers_few_rows_and_more_for_large_weights():
     assert sp.prefers_packed_product(rows, bits=2, k=large[0], n=large[1]) == (
       expected_large
     )
+  # Weights under 4 MB as float32 (MiniLM's): one row only.
+  for rows, expected in ((1, True), (2, False), (16, False)):
+    assert sp.prefers_packed_product(rows, bits=4, k=384, n=1536) == expected
 
 
 def test_rejects_codes_of_another_width():

@@ -315,3 +315,24 @@ def test_settings():
     k: v for k, v in paper.items() if k != 'exponent'
   }
   assert report.SETTINGS['pqjax'] == {}
+
+
+def test_checkpoint_report_draws_the_widths_of_a_budget(tmp_path, capsys, monkeypatch):
+  rng = np.random.default_rng(1)
+  params = {
+    'a': rng.standard_normal((256, 128)).astype(np.float32),
+    'b': rng.laplace(size=(512, 64)).astype(np.float32),
+    'c': (rng.standard_normal((128, 96)) ** 3).astype(np.float32),
+  }
+  params_q, _ = pqjax.quantize(params, bits_per_weight=4.4)
+  s = pqjax.summary(params_q)
+  assert len(s.widths) > 1
+  pqjax.save_safetensors(tmp_path / 'q.safetensors', params_q)
+  monkeypatch.setenv('COLUMNS', '200')
+  out = tmp_path / 'rep'
+  assert cli.main(['report', str(tmp_path / 'q.safetensors'), '--out', str(out)]) == 0
+  capsys.readouterr()
+  check_png(out / 'widths.png')
+  page = (out / 'report.md').read_text()
+  assert '](widths.png)' in page
+  assert f'Widths: {s.widths_text()}.' in page
