@@ -129,3 +129,45 @@ def quantize_error(
   """||w - w_hat||^2 in float64."""
   w_hat, _ = quantize_ref(w, a, bits, grid, clip, group, per_column)
   return float(np.sum((w.astype(np.float64) - w_hat) ** 2))
+
+
+# --- the stored code layout, written out from its description ------------------------
+
+
+def code_unit(bits: int) -> tuple[int, int]:
+  """``(codes, bytes)`` of a packing unit along K: 4 codes a byte at 2 bits, 2 at 4,
+  8 codes in ``bits`` bytes at 3, 5, 6 and 7, one int8 code a byte at 8."""
+  return {2: (4, 1), 4: (2, 1), 8: (1, 1)}.get(bits, (8, bits))
+
+
+def pack_indices(index: np.ndarray, bits: int, table_size: int) -> np.ndarray:
+  """Stored codes of table indices ``(K, N)``: unsigned little-endian units along K
+  (2 to 7 bits), or signed int8 codes ``index - table_size // 2`` (8 bits)."""
+  if bits == 8:
+    return (index - table_size // 2).astype(np.int8)
+  per_unit, nbytes = code_unit(bits)
+  k, n = index.shape
+  u = np.pad(index, ((0, -k % per_unit), (0, 0))).astype(np.int64)
+  u = u.reshape(-1, per_unit, n)
+  word = sum(u[:, j] << (bits * j) for j in range(per_unit))
+  planes = [(word >> (8 * b)) & 0xFF for b in range(nbytes)]
+  return np.stack(planes, axis=1).reshape(-1, n).astype(np.uint8)
+
+
+def unpack_indices(codes: np.ndarray, bits: int, k: int, table_size: int) -> np.ndarray:
+  """Table indices ``(k, N)`` of stored codes: the inverse of :func:`pack_indices`."""
+  codes = np.asarray(codes)
+  n = codes.shape[1]
+  if bits == 8:
+    return codes.astype(np.int64)[:k] + table_size // 2
+  per_unit, nbytes = code_unit(bits)
+  planes = codes.astype(np.int64).reshape(-1, nbytes, n)
+  word = sum(planes[:, b] << (8 * b) for b in range(nbytes))
+  index = np.stack([(word >> (bits * j)) & (2**bits - 1) for j in range(per_unit)], 1)
+  return index.reshape(-1, n)[:k]
+
+
+def block_scales(scale: np.ndarray, k: int) -> np.ndarray:
+  """Each of ``k`` rows' scale ``(k, ncol)`` from block scales ``(nk, ncol)``."""
+  scale = np.asarray(scale)
+  return scale[np.arange(k) // -(-k // scale.shape[0])]

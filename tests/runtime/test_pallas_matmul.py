@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 
 import pqjax
 from pqjax._src.runtime import pallas_matmul as pm
@@ -35,41 +36,13 @@ TOL = {
 }
 
 
-def unit(bits: int) -> tuple[int, int]:
-  return {2: (4, 1), 4: (2, 1), 8: (1, 1)}.get(bits, (8, bits))
-
-
-def pack(index: np.ndarray, bits: int, table_size: int) -> np.ndarray:
-  """Packs table indices ``(K, N)`` into the stored code layout."""
-  if bits == 8:
-    return (index - table_size // 2).astype(np.int8)
-  codes, nbytes = unit(bits)
-  k, n = index.shape
-  u = np.pad(index, ((0, -k % codes), (0, 0))).astype(np.int64).reshape(-1, codes, n)
-  word = sum(u[:, j] << (bits * j) for j in range(codes))
-  planes = [(word >> (8 * b)) & 0xFF for b in range(nbytes)]
-  return np.stack(planes, axis=1).reshape(-1, n).astype(np.uint8)
-
-
 def decode(
   codes: np.ndarray, scale: np.ndarray, table: np.ndarray, bits: int, k: int
 ) -> np.ndarray:
   """Float64 ``(K, N)`` weight from packed codes: the format, written out."""
-  codes = np.asarray(codes)
-  n = codes.shape[1]
-  if bits == 8:
-    index = codes.astype(np.int64) + len(table) // 2
-  else:
-    per, nbytes = unit(bits)
-    planes = codes.astype(np.int64).reshape(-1, nbytes, n)
-    word = sum(planes[:, b] << (8 * b) for b in range(nbytes))
-    index = np.stack(
-      [(word >> (bits * j)) & (2**bits - 1) for j in range(per)], axis=1
-    ).reshape(-1, n)
-  w = np.asarray(table, np.float64)[index[:k]]
-  scale = np.asarray(scale, np.float64)
-  rows = -(-k // scale.shape[0])
-  return w * scale[np.arange(k) // rows]
+  index = reference.unpack_indices(codes, bits, k, len(table))
+  scale = reference.block_scales(np.asarray(scale, np.float64), k)
+  return np.asarray(table, np.float64)[index] * scale
 
 
 def make(
@@ -88,7 +61,7 @@ def make(
     nk = int(scales[1:])
   dtype = np.float16 if nk > 1 else np.float32
   scale = rng.uniform(0.5, 2.0, (nk, ncol)).astype(dtype)
-  return pack(index, bits, size), scale, table
+  return reference.pack_indices(index, bits, size), scale, table
 
 
 def run(
@@ -226,7 +199,7 @@ def test_prefetch(bits: int, prefetch: bool) -> None:
     40,
     'channel',
     np.float32,
-    block_k=8 * unit(bits)[0],
+    block_k=8 * reference.code_unit(bits)[0],
     split_k=4,
     block_n=16,
     prefetch=prefetch,

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import reference
 
 import pqjax
 from pqjax._src.runtime import small_product as sp
@@ -23,43 +24,12 @@ def numpy_table(bits: int, grid: str, alpha: float = 0.7) -> np.ndarray:
   return (np.sign(q) * (np.abs(q) / d) ** (1 / alpha)).astype(np.float32)
 
 
-def numpy_unit(bits: int) -> tuple[int, int]:
-  """``(codes, bytes)`` of a unit: whole codes in a byte at 2 and 4 bits, else 8 codes."""
-  return (8 // bits, 1) if bits in (2, 4) else (8, bits)
-
-
-def numpy_pack(index: np.ndarray, bits: int) -> np.ndarray:
-  """Packs table indices ``(k, n)`` along k as the format describes (2 to 7 bits)."""
-  k, n = index.shape
-  per_unit, nbytes = numpy_unit(bits)
-  units = -(-k // per_unit)
-  padded = np.zeros((units * per_unit, n), np.int64)
-  padded[:k] = index
-  word = np.zeros((units, n), np.int64)
-  for j in range(per_unit):
-    word |= padded[j::per_unit] << (j * bits)
-  out = np.stack([(word >> (8 * i)) & 0xFF for i in range(nbytes)], axis=1)
-  return out.reshape(units * nbytes, n).astype(np.uint8)
-
-
 def numpy_decode(
   codes: np.ndarray, scale: np.ndarray, table: np.ndarray, bits: int, k: int
 ) -> np.ndarray:
   """The float32 weight ``(k, n)``: table level times block scale, per the format."""
-  codes = np.asarray(codes)
-  n = codes.shape[1]
-  if bits == 8:
-    index = codes.astype(np.int64) + len(table) // 2
-  else:
-    per_unit, nbytes = numpy_unit(bits)
-    raw = codes.astype(np.int64).reshape(-1, nbytes, n)
-    word = sum(raw[:, i] << (8 * i) for i in range(nbytes))
-    index = np.stack(
-      [(word >> (j * bits)) & (2**bits - 1) for j in range(per_unit)], axis=1
-    ).reshape(-1, n)[:k]
-  scale = np.asarray(scale, np.float32)
-  rows = -(-k // scale.shape[0])
-  block_scale = scale[np.arange(k) // rows]
+  index = reference.unpack_indices(codes, bits, k, len(table))
+  block_scale = reference.block_scales(np.asarray(scale, np.float32), k)
   return np.asarray(table, np.float32)[index] * block_scale
 
 
@@ -74,10 +44,7 @@ def random_weight(
 ) -> tuple[np.ndarray, ...]:
   table = numpy_table(bits, grid)
   index = rng.integers(0, len(table), (k, n))
-  if bits < 8:
-    codes = numpy_pack(index, bits)
-  else:
-    codes = (index - len(table) // 2).astype(np.int8)  # signed codes q
+  codes = reference.pack_indices(index, bits, len(table))
   scale = rng.uniform(0.25, 4.0, (nk, ncol)).astype(np.float32)
   return codes, scale, table
 

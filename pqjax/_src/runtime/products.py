@@ -310,26 +310,18 @@ def gather(rewriter: Rewriter, eqn: core.JaxprEqn, invals: list[Any]) -> list[An
   weight, indices = invals[0], invals[1]
   if not isinstance(weight, Weight) or isinstance(indices, Weight):
     return bind(eqn, rewriter.arrays(invals))
-  if not _row_lookup(eqn, weight, indices) or rewriter.options.path == 'decode':
-    rewriter.seen.append(
-      Product(
-        primitive='gather',
-        weight=weight.path,
-        activation_shape=tuple(indices.shape),
-        weight_shape=tuple(weight.q.shape),
-        path='decode',
-      )
-    )
-    return bind(eqn, [weight.decode(tie=indices), indices])
+  rows = _row_lookup(eqn, weight, indices) and rewriter.options.path != 'decode'
   rewriter.seen.append(
     Product(
       primitive='gather',
       weight=weight.path,
       activation_shape=tuple(indices.shape),
       weight_shape=tuple(weight.q.shape),
-      path='rows',
+      path='rows' if rows else 'decode',
     )
   )
+  if not rows:
+    return bind(eqn, [weight.decode(tie=indices), indices])
   ids = indices[..., 0].astype(jnp.int32)
   size = weight.q.shape[0]
   valid = (ids >= 0) & (ids < size)
