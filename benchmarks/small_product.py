@@ -31,6 +31,7 @@ import numpy as np
 from common import publish
 
 import pqjax
+from pqjax._src.core.grid import decode_table
 from pqjax._src.runtime.small_product import packed_product, packed_rows
 
 SHAPES = ((4096, 4096), (768, 3072), (3072, 768), (768, 50257))
@@ -52,18 +53,10 @@ NOTES = (
 )
 
 
-def table(bits: int, grid: str, alpha: float = 0.6) -> np.ndarray:
-  half = 2 ** (bits - 1)
-  d_neg, d_pos = (half, half - 1) if grid == 'full' else (half - 1, half - 1)
-  q = np.arange(-d_neg, d_pos + 1, dtype=np.float64)
-  d = np.where(q < 0, d_neg, d_pos)
-  return (np.sign(q) * (np.abs(q) / d) ** (1 / alpha)).astype(np.float32)
-
-
 def random_qarray(
   rng: np.random.Generator, k: int, n: int, bits: int, grid: str, group: int | None
 ) -> pqjax.QArray:
-  levels = table(bits, grid)
+  levels = decode_table(0.6, bits, grid)
   rows = packed_rows(k, bits)
   if bits <= 4:
     codes = rng.integers(0, 256, (rows, n), dtype=np.uint8)

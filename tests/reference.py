@@ -171,3 +171,17 @@ def block_scales(scale: np.ndarray, k: int) -> np.ndarray:
   """Each of ``k`` rows' scale ``(k, ncol)`` from block scales ``(nk, ncol)``."""
   scale = np.asarray(scale)
   return scale[np.arange(k) // -(-k // scale.shape[0])]
+
+
+def decode_stored(
+  codes: np.ndarray,
+  scale: np.ndarray,
+  table: np.ndarray,
+  bits: int,
+  k: int,
+  dtype: type = np.float64,
+) -> np.ndarray:
+  """The ``(k, N)`` weight of stored codes: table level times block scale, in
+  ``dtype``."""
+  index = unpack_indices(codes, bits, k, len(table))
+  return np.asarray(table, dtype)[index] * block_scales(np.asarray(scale, dtype), k)

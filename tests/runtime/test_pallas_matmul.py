@@ -8,6 +8,7 @@ runs in Pallas' interpreter; on a GPU it is compiled with Triton unless
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 
@@ -36,13 +37,8 @@ TOL = {
 }
 
 
-def decode(
-  codes: np.ndarray, scale: np.ndarray, table: np.ndarray, bits: int, k: int
-) -> np.ndarray:
-  """Float64 ``(K, N)`` weight from packed codes: the format, written out."""
-  index = reference.unpack_indices(codes, bits, k, len(table))
-  scale = reference.block_scales(np.asarray(scale, np.float64), k)
-  return np.asarray(table, np.float64)[index] * scale
+# The weight the stored codes stand for, in float64.
+decode = functools.partial(reference.decode_stored, dtype=np.float64)
 
 
 def make(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -24,13 +26,8 @@ def numpy_table(bits: int, grid: str, alpha: float = 0.7) -> np.ndarray:
   return (np.sign(q) * (np.abs(q) / d) ** (1 / alpha)).astype(np.float32)
 
 
-def numpy_decode(
-  codes: np.ndarray, scale: np.ndarray, table: np.ndarray, bits: int, k: int
-) -> np.ndarray:
-  """The float32 weight ``(k, n)``: table level times block scale, per the format."""
-  index = reference.unpack_indices(codes, bits, k, len(table))
-  block_scale = reference.block_scales(np.asarray(scale, np.float32), k)
-  return np.asarray(table, np.float32)[index] * block_scale
+# The weight the stored codes stand for, in float32.
+numpy_decode = functools.partial(reference.decode_stored, dtype=np.float32)
 
 
 def random_weight(
