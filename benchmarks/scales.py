@@ -35,10 +35,6 @@ from pqjax._src.core import grid, packing
 from pqjax.tools import corpus, minilm
 
 
-def _block_rows(k: int, nk: int) -> int:
-  return -(-k // nk)
-
-
 def eight_bit_scales(q: pqjax.QArray, w: np.ndarray) -> tuple[pqjax.QArray, int]:
   """``q`` with 8-bit block scales under a float32 per-column scale, re-encoded.
 
@@ -52,7 +48,7 @@ def eight_bit_scales(q: pqjax.QArray, w: np.ndarray) -> tuple[pqjax.QArray, int]
   m = s.max(axis=0, keepdims=True)
   u = np.clip(np.ceil(s / np.where(m > 0, m, 1) * 255), 1, 255)
   s8 = (m * u / 255).astype(np.float32)
-  full = np.repeat(s8, _block_rows(k, nk), axis=0)[:k]
+  full = np.repeat(s8, q.block_rows, axis=0)[:k]
   table = np.asarray(q.table, np.float32)
   # The nearest level of the (ascending) table to each w / scale.
   x = np.where(full > 0, w / np.where(full > 0, full, 1), 0)

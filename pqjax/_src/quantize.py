@@ -290,14 +290,6 @@ def _feasible(g: Group, leaf: Leaf, widths: Sequence[int], block: bool) -> list[
   return ok
 
 
-def layer_norms(binned: np.ndarray) -> np.ndarray:
-  """``||W||^2`` of each layer from its binned stats, to the bins' resolution."""
-  bins = binned.shape[2]
-  ctr = np.asarray(stats.centre(jnp.arange(bins), bins), np.float64)
-  w = binned.astype(np.float64)
-  return np.sum(ctr * ctr * w[..., 0] + 2 * ctr * w[..., 1], axis=(1, 2))
-
-
 class WidthTable(NamedTuple):
   """What a bit budget chooses from: per selected leaf (in group order), the bytes
   and the estimated damage at each candidate width, and the byte budget."""
@@ -355,7 +347,7 @@ def width_table(
     plan=plan_of(options),
     config=options.search_config,
   )
-  norms = layer_norms(np.asarray(binned))
+  norms = stats.layer_norms(np.asarray(binned))
   errors = np.asarray(errors, np.float64)
   relative = np.where(norms > 0, errors / np.where(norms > 0, norms, 1.0), 0.0)
   ends = np.cumsum([leaf.layer_count for leaf in leaves])

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pqjax._src.core import operator
 from pqjax._src.core.blocks import block_absmax, block_view
@@ -103,6 +104,15 @@ def centre(i: jax.Array, bins: int) -> jax.Array:
 
 def bin_edges(bins: int = BINS) -> jax.Array:
   return jnp.square(jnp.square(jnp.arange(bins + 1, dtype=jnp.float32) / bins))
+
+
+def layer_norms(binned: np.ndarray) -> np.ndarray:
+  """``||W||^2`` of each layer from its binned stats ``(L, 2, bins, 2)``, in float64,
+  to the bins' resolution (the moments about each centre stand for the weights)."""
+  bins = binned.shape[2]
+  ctr = np.asarray(centre(jnp.arange(bins), bins), np.float64)
+  w = binned.astype(np.float64)
+  return np.sum(ctr * ctr * w[..., 0] + 2 * ctr * w[..., 1], axis=(1, 2))
 
 
 def _stats(xs: jax.Array, scale: jax.Array, bins: int) -> jax.Array:
