@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import platform
 import time
@@ -88,9 +89,9 @@ OTHER_BITS = (
   'full grid + clip (default)',
   'full grid + block clip',
 )
-# Groups of 36 rows with float16 scales stay under 4.5 bits per weight (at most
-# 11 scales for 384 rows), the budget of NF4 with float32 scales per 64.
-EXTRA_4BIT = {36: ('full grid + clip (default)', 'full grid + block clip')}
+# Groups of 32 rows (k-quants' blocks) with uint8 scales stay under 4.5 bits per
+# weight, the budget of NF4 with float32 scales per 64.
+EXTRA_4BIT = {32: ('full grid + clip (default)', 'full grid + block clip')}
 # (bits, layout, name, variant, NumPy quantizer of a (K, N) matrix -> (decoded,
 # bits/weight)). Layout 256/32: super-blocks of 256 rows, sub-blocks of 32. The
 # k-quants fit with llama.cpp's weights of the squared error, and without weights,
@@ -235,6 +236,13 @@ def main() -> None:
     default=[2.5, 3.0, 3.5, 4.0, 4.25],
     help='bits per weight of the bit-budget rows (none: skip them)',
   )
+  parser.add_argument(
+    '--budget-granularity',
+    type=_granularity,
+    nargs='+',
+    default=['channel'],
+    help='scale blocks of the bit-budget rows',
+  )
   parser.add_argument('--no-qwix', action='store_true')
   parser.add_argument('--name', default='accuracy')
   args = parser.parse_args()
@@ -297,17 +305,17 @@ def main() -> None:
           minilm.embed_all(embed, params_nf4, text),
           seconds,
         )
-  for budget in args.budgets:
-    # Each leaf's width chosen in 2..8 for the budget, scales per channel.
+  for budget, gran in itertools.product(args.budgets, args.budget_granularity):
+    # Each leaf's width chosen in 2..8 for the budget.
     start = time.perf_counter()
-    params_q, _ = pqjax.quantize(model.params, bits_per_weight=budget)
+    params_q, _ = pqjax.quantize(model.params, bits_per_weight=budget, granularity=gran)
     jax.block_until_ready(params_q)
     seconds = time.perf_counter() - start
     s = pqjax.summary(params_q)
     widths = ' '.join(f'{b}:{n}' for b, n in s.widths.items())
     record(
       f'budget {budget}',
-      'channel',
+      gran,
       f'pqjax bit budget (widths: leaves {widths})',
       pqjax.relative_error(model.params, params_q),
       s.bits_per_weight,
@@ -363,7 +371,9 @@ def main() -> None:
     f'Every >= 2-D leaf quantized (37 kernels and embedding tables, 22.7M weights),'
     f' except where said. Relative error = ||W - W_hat||^2 / ||W||^2 summed over'
     f' those leaves. Bits per weight count codes, scales, exponents and tables'
-    f' (pqjax groups store float16 scales). The k-quant and HQQ rows are the NumPy'
+    f' (pqjax groups store uint8 scales under a float32 step per column where a'
+    f' column has 5 or more groups, float16 scales otherwise). The k-quant and HQQ'
+    f' rows are the NumPy'
     f' references of benchmarks/references.py (blocks along K; float16 super-block'
     f' numbers, zeros and scales). Cosine: mean-pooled embeddings of'
     f' {args.sentences} first paragraphs of Python standard-library docstrings,'

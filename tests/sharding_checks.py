@@ -57,7 +57,10 @@ def _check_against_one_device(q, ref, alphas, ref_alphas, leaves):
   for name, leaf in leaves.items():
     got, want = q[name], ref[name]
     assert alphas[name] == ref_alphas[name], name
-    for f in ('codes', 'scale', 'alpha', 'table'):
+    assert (got.column_scale is None) == (want.column_scale is None), name
+    for f in ('codes', 'scale', 'alpha', 'table', 'column_scale'):
+      if getattr(want, f) is None:
+        continue
       np.testing.assert_array_equal(
         np.asarray(getattr(got, f)), np.asarray(getattr(want, f)), err_msg=f'{name}.{f}'
       )
@@ -67,6 +70,10 @@ def _check_against_one_device(q, ref, alphas, ref_alphas, leaves):
     ncol, nk = got.scale.shape[1], got.scale.shape[0]
     want_scale = P(spec[0] if nk > 1 else None, spec[1] if ncol > 1 else None)
     assert got.scale.sharding.is_equivalent_to(NamedSharding(mesh, want_scale), 2), name
+    if got.column_scale is not None:
+      # uint8 scales: one column scale per column, sharded as the columns.
+      want_column = NamedSharding(mesh, P(None, spec[1] if ncol > 1 else None))
+      assert got.column_scale.sharding.is_equivalent_to(want_column, 2), name
     decoded = jax.jit(lambda x: x.dequantize())(got)
     assert _same_sharding(decoded, leaf), (name, decoded.sharding, leaf.sharding)
     np.testing.assert_array_equal(np.asarray(decoded), np.asarray(want.dequantize()))
@@ -95,6 +102,13 @@ def test_quantize_matches_one_device(mesh_name):
 def test_bits_and_granularities(bits, granularity, specs):
   mesh = _mesh('2x4')
   params = _params(1)
+  if granularity == 16:  # 16 and 32 blocks a column: uint8 scales; 4: float16
+    ref, _ = pqjax.quantize(params, bits, granularity=granularity)
+    assert [ref[k].scale.dtype for k in ('dense', 'laplace', 'big')] == [
+      np.uint8,
+      np.float16,
+      np.uint8,
+    ]
   ref, ref_alphas = pqjax.quantize(params, bits, granularity=granularity)
   for spec in specs:
     leaves = _put(params, mesh, spec)
@@ -209,7 +223,7 @@ def test_compiled_passes_move_no_weights(spec):
       one,
       one,
       absmax,
-      jnp.zeros((1,), bool),
+      jnp.zeros((1,), jnp.int8),  # float32 scales
       layout=layout,
       k=k,
       n=n,

@@ -133,7 +133,8 @@ def test_group_size_that_does_not_divide_k_leaves_a_shorter_last_block():
   params_q, _ = pqjax.quantize({'conv': _params()['conv']}, 4, granularity=5)
   q = params_q['conv']['kernel']
   assert q.scale.shape == (8, 8) and q.block_rows == 5  # K = 36: 7 blocks of 5, 1 of 1
-  assert q.scale.dtype == np.float16  # groups store float16 scales
+  # 8 blocks a column: uint8 steps of a column scale (float16 below 5 blocks).
+  assert q.scale.dtype == np.uint8 and q.column_scale.shape == (1, 8)
 
 
 @pytest.mark.parametrize('clip', ['some', 0.0, 1.5, -0.2, float('nan')])

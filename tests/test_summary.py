@@ -59,9 +59,13 @@ def test_leaf_rows_match_the_layout(tree):
   assert r.bits_per_weight == 8 * r.bytes_after / (3 * 5 * 16)
   assert r.exponent == pytest.approx(0.7)
 
+  assert r.scale_dtype == 'float16'  # 3 groups a column
+
   r = rows['emb/0']
   assert (r.blocks, r.granularity, r.bytes_before) == ((6, 7), 'group 5', 30 * 7 * 2)
-  assert r.bytes_after == qarray_bytes((30, 7), 3, 6 * 7, scale_bytes=2)
+  # 6 groups a column: a uint8 scale each, and a float32 scale per column.
+  assert r.scale_dtype == 'uint8'
+  assert r.bytes_after == qarray_bytes((30, 7), 3, 6 * 7, scale_bytes=1) + 4 * 7
 
   r = rows['extra/w']
   assert (r.bits, r.blocks, r.granularity) == (6, (1, 1), 'tensor')

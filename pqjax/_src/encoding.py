@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from pqjax._src.core import operator, packing
 from pqjax._src.core.blocks import block_view
-from pqjax._src.core.grid import steps
+from pqjax._src.core.grid import steps as steps_of
 from pqjax._src.search.config import SearchConfig
 from pqjax._src.search.objective import exact_inputs
 from pqjax._src.search.stats import stack
@@ -56,23 +57,46 @@ def encode_block(
   alpha: jax.Array,
   clip: jax.Array,
   absmax: jax.Array,
-  fp16: jax.Array,
+  storage: jax.Array,
   *,
   nk: int,
   bits: int,
   grid: str,
   block_clip: bool,
   config: SearchConfig,
-) -> tuple[jax.Array, jax.Array]:
+  column_max: Callable[[jax.Array], jax.Array] = lambda x: x,
+) -> tuple[jax.Array, ...]:
+  """One layer's packed codes and its scales: float32 values ``(nk, ncol)``, and
+  their uint8 steps ``(nk, ncol)`` and column scale ``(1, ncol)``.
+
+  ``storage`` indexes ``SCALE_DTYPES``: the codes are chosen against the scales as
+  stored. ``column_max`` completes a column's largest scale across devices.
+  """
   w3 = block_view(w, nk)
   if block_clip:
     xs = operator.divide(w3, absmax)
     clip = _block_clip(xs, absmax, alpha, clip, bits, grid, config)
   scale = absmax * clip
+  column = column_max(jnp.max(scale, axis=0, keepdims=True))
+  steps = packing.coded_scales(scale, column)
+  # In the order of SCALE_DTYPES: float32, float16, uint8.
+  stored = [scale, scale.astype(jnp.float16).astype(jnp.float32)]
+  stored.append(packing.scale_values(steps, column))
   # Encode against the scale as stored, so the codes fit the rounded scale.
-  scale = jnp.where(fp16, scale.astype(jnp.float16).astype(jnp.float32), scale)
+  scale = jnp.stack(stored)[storage.astype(jnp.int32)]
   q = operator.encode(w3, scale, alpha, bits, grid).reshape(-1, w.shape[1])[: w.shape[0]]
-  return packing.pack(q, bits, steps(bits, grid)[0]), scale[:, 0, :]
+  codes = packing.pack(q, bits, steps_of(bits, grid)[0])
+  return codes, scale[:, 0, :], steps[:, 0, :], column[:, 0, :]
+
+
+class Encoding(NamedTuple):
+  """A group's arrays, one per leaf: packed codes, the scales' float32 values as
+  stored, and their uint8 form (steps and column scale), kept where asked."""
+
+  codes: list[jax.Array]
+  scales: list[jax.Array]
+  steps: list[jax.Array]
+  columns: list[jax.Array]
 
 
 def split_layers(x: jax.Array, layers: Sequence[tuple[int, ...]]) -> list[jax.Array]:
@@ -94,7 +118,7 @@ def encode_layers(
   alpha: jax.Array,
   clip: jax.Array,
   absmax: jax.Array,
-  fp16: jax.Array,
+  storage: jax.Array,
   *,
   k: int,
   n: int,
@@ -104,17 +128,23 @@ def encode_layers(
   grid: str,
   block_clip: bool,
   config: SearchConfig,
-) -> tuple[list[jax.Array], list[jax.Array]]:
-  """Each leaf's packed codes and float32 scales, as separate buffers.
+) -> Encoding:
+  """Each leaf's packed codes and scales, as separate buffers.
 
   ``layers[i]`` are leaf ``i``'s stacked-layer axes: its codes are
   ``(*layers[i], packed_rows, N)`` and its scales ``(*layers[i], nk, ncol)``. The
   ``L`` layers of all leaves, in order, are encoded in one batch. ``absmax`` is
-  :func:`group_stats`' ``(L, nk, 1, ncol)``, so that pass is not repeated; ``fp16``
-  ``(L,)`` marks the layers whose scales are rounded to float16.
+  :func:`group_stats`' ``(L, nk, 1, ncol)``, so that pass is not repeated;
+  ``storage`` ``(L,)`` says how each layer stores its scales (an index of
+  ``SCALE_DTYPES``).
   """
   fn = functools.partial(
-    encode_block, nk=nk, bits=bits, grid=grid, block_clip=block_clip, config=config
+    encode_block,
+    nk=nk,
+    bits=bits,
+    grid=grid,
+    block_clip=block_clip,
+    config=config,
   )
-  codes, scales = jax.vmap(fn)(stack(leaves, k, n), alpha, clip, absmax, fp16)
-  return split_layers(codes, layers), split_layers(scales, layers)
+  out = jax.vmap(fn)(stack(leaves, k, n), alpha, clip, absmax, storage)
+  return Encoding(*(split_layers(x, layers) for x in out))

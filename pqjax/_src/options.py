@@ -60,16 +60,16 @@ def check_clip(clip: object) -> tuple[ClipMode, float]:
 
 
 def check_scale_dtype(scale_dtype: object) -> np.dtype | None:
-  """``None`` (automatic), float32 or float16."""
+  """``None`` (automatic), float32, float16 or uint8."""
   if scale_dtype is None or (isinstance(scale_dtype, str) and scale_dtype == 'auto'):
     return None
   try:
     dt = np.dtype(scale_dtype)  # type: ignore[call-overload]
   except TypeError:
     dt = None
-  if dt not in (np.dtype(np.float32), np.dtype(np.float16)):
+  if dt not in (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint8)):
     raise ValueError(
-      f'scale_dtype must be "auto", float32 or float16, got {scale_dtype!r}'
+      f'scale_dtype must be "auto", float32, float16 or uint8, got {scale_dtype!r}'
     )
   return dt
 
@@ -198,8 +198,9 @@ class QuantizeOptions:
   # then each block picks the best of a few ratios; False: absmax scales; a float in
   # (0, 1]: that ratio.
   clip: bool | Literal['layer', 'block'] | float = True
-  # Storage of block scales: "auto" (float16 for groups where every scale is a
-  # normal float16), float32 or float16.
+  # Storage of block scales: "auto" (groups of more than 4 blocks a column: uint8
+  # steps of a float32 column scale; other groups: float16 where every scale is a
+  # normal float16; float32 otherwise), float32, float16 or uint8.
   scale_dtype: Any = 'auto'
   # ``filter(path, leaf) -> bool`` picks the leaves; default: float leaves, ndim >= 2.
   filter: Filter | None = None
@@ -260,5 +261,5 @@ class QuantizeOptions:
 
   @property
   def stored_scale_dtype(self) -> np.dtype | None:
-    """float32 or float16 as asked; None: chosen per leaf."""
+    """float32, float16 or uint8 as asked; None: chosen per leaf."""
     return check_scale_dtype(self.scale_dtype)

@@ -117,15 +117,15 @@ class GroupStats(NamedTuple):
 
 
 class Encoded(NamedTuple):
-  """A group's packed codes and stored scales, per leaf; ``half``: float16 scales.
+  """A group's packed codes and scales per leaf, and how its scales are stored.
 
-  Each leaf's codes and scales have its stacked-layer axes first; ``half`` is per
-  layer, the same for every layer of a leaf.
+  Each leaf's arrays have its stacked-layer axes first: ``scales`` the float32
+  values, ``steps`` and ``columns`` the uint8 form (:class:`encoding.Encoding`).
+  ``storage`` is per layer, the same for every layer of a leaf.
   """
 
-  codes: list[jax.Array]
-  scales: list[jax.Array]
-  half: np.ndarray
+  arrays: encoding.Encoding
+  storage: np.ndarray
 
 
 # --- 1. select ----------------------------------------------------------------------
@@ -241,19 +241,18 @@ class Widths(NamedTuple):
 
   groups: list[Group]
   stats: list[GroupStats]
-  halves: list[np.ndarray]
+  storage: list[np.ndarray]
   alphas: jax.Array
   clips: jax.Array
 
 
-def _budget_halves(g: Group, s: GroupStats, options: QuantizeOptions) -> np.ndarray:
-  """Float16 layers of ``g`` whatever clip ratio the search finds (costs need them)."""
+def _budget_storage(g: Group, s: GroupStats, options: QuantizeOptions) -> np.ndarray:
+  """How ``g`` stores its scales whatever clip ratio the search finds (costs need it)."""
   if options.clip_mode == 'fixed':
-    return half_scales(g, s, jnp.full((g.layer_count,), options.clip_ratio), options)
-  low = jnp.full((g.layer_count,), options.search_config.clip_lo)
-  return half_scales(g, s, low, options) & half_scales(
-    g, s, jnp.ones((g.layer_count,)), options
-  )
+    ratio = np.full((g.layer_count,), options.clip_ratio)
+    return scale_storage(g, s, ratio, ratio, options)
+  low = np.full((g.layer_count,), options.search_config.clip_lo)
+  return scale_storage(g, s, low, np.ones((g.layer_count,)), options)
 
 
 def _importance(leaf: Leaf, options: QuantizeOptions) -> float:
@@ -298,7 +297,7 @@ class WidthTable(NamedTuple):
   costs: list[np.ndarray]
   damages: list[np.ndarray]
   limit: int
-  halves: list[np.ndarray]
+  storage: list[np.ndarray]
   # The estimate's exponents and clip ratios at each width, ``(widths, L)``.
   points: tuple[jax.Array, jax.Array]
 
@@ -313,13 +312,13 @@ def width_table(
   layers' estimated relative errors.
   """
   widths = options.widths
-  halves = [_budget_halves(g, s, options) for g, s in zip(groups, group_stats)]
+  storage = [_budget_storage(g, s, options) for g, s in zip(groups, group_stats)]
   block = options.clip_mode == 'block'
   leaves, costs = [], []
-  for g, half in zip(groups, halves):
+  for g, kinds in zip(groups, storage):
     starts = np.cumsum([0] + [leaf.layer_count for leaf in g.leaves])
     for leaf, first in zip(g.leaves, starts):
-      scale_bytes = 2 if leaf.layer_count and half[first] else 4
+      scale_dtype = qarray.SCALE_DTYPES[kinds[first] if leaf.layer_count else 0]
       cost = [
         qarray.stored_nbytes(
           tuple(leaf.value.shape),
@@ -328,7 +327,7 @@ def width_table(
           grid.num_levels(b, options.grid),
           g.blocks.nk,
           g.blocks.ncol,
-          scale_bytes,
+          scale_dtype,
         )
         if fits
         else math.inf
@@ -355,7 +354,7 @@ def width_table(
     _importance(leaf, options) * relative[:, end - leaf.layer_count : end].sum(axis=1)
     for leaf, end in zip(leaves, ends)
   ]
-  return WidthTable(leaves, costs, damages, limit, halves, (points[0], points[1]))
+  return WidthTable(leaves, costs, damages, limit, storage, (points[0], points[1]))
 
 
 def choose_widths(
@@ -373,7 +372,7 @@ def choose_widths(
   bits_of = {id(leaf): options.widths[c] for leaf, c in zip(table.leaves, chosen)}
   # Each layer's estimate at its leaf's width, in the layers' order.
   per_layer = np.repeat(chosen, [leaf.layer_count for leaf in table.leaves])
-  return _split(groups, group_stats, table.halves, bits_of, table.points, per_layer)
+  return _split(groups, group_stats, table.storage, bits_of, table.points, per_layer)
 
 
 def _limit(costs: list[np.ndarray], leaves: list[Leaf], options: QuantizeOptions) -> int:
@@ -401,7 +400,7 @@ def _limit(costs: list[np.ndarray], leaves: list[Leaf], options: QuantizeOptions
 def _split(
   groups: Sequence[Group],
   group_stats: Sequence[GroupStats],
-  halves: Sequence[np.ndarray],
+  storage: Sequence[np.ndarray],
   bits_of: dict[int, int],
   points: tuple[jax.Array, jax.Array],
   chosen: np.ndarray,
@@ -414,7 +413,7 @@ def _split(
   out: list[list[Any]] = [[], [], []]
   order = []
   first = 0
-  for g, s, half in zip(groups, group_stats, halves):
+  for g, s, kinds in zip(groups, group_stats, storage):
     # The small arrays are cut on the host: a gather on the device for each piece
     # costs more to dispatch than these copies.
     host: list[Any] = [np.asarray(sharding.gather(x)) for x in s]
@@ -429,7 +428,7 @@ def _split(
       )
       whole = index.size == g.layer_count
       out[1].append(s if whole else GroupStats(*(x[index] for x in host)))
-      out[2].append(half[index])
+      out[2].append(kinds[index])
       order.append(first + index)
     first += g.layer_count
   layers = np.concatenate(order + [np.zeros(0, np.int32)])
@@ -580,38 +579,64 @@ def _refine(
 # --- 5. encode ----------------------------------------------------------------------
 
 
-def _fp16_fits(absmax: np.ndarray, low: float) -> bool:
-  """Whether every nonzero scale, down to ``low`` times the absmax, is a normal fp16."""
+# Groups of this many blocks a column or more store uint8 scales by default: with
+# the float32 column scale, ``nk + 4`` bytes a column instead of ``2 nk`` as float16,
+# and the same error (benchmarks/scales.py).
+CODED_MIN_BLOCKS = 5
+FLOAT32, FLOAT16, UINT8 = (
+  qarray.SCALE_DTYPES.index(np.dtype(t)) for t in (np.float32, np.float16, np.uint8)
+)
+
+
+def _fits(absmax: np.ndarray, lo: float, hi: float, kind: int) -> bool:
+  """Whether a layer's scales, ``absmax`` times a ratio in ``[lo, hi]``, are stored
+  as ``kind`` without leaving its normal range: float16's is narrow, the others
+  have float32's."""
   nonzero = absmax[absmax > 0]
-  return nonzero.size == 0 or (
-    nonzero.min() * low >= FP16_TINY and nonzero.max() <= FP16_MAX
-  )
+  if not nonzero.size or kind != FLOAT16:
+    return True
+  return nonzero.min() * lo >= FP16_TINY and nonzero.max() * hi <= FP16_MAX
 
 
-def half_scales(
-  g: Group, s: GroupStats, clips: jax.Array, options: QuantizeOptions
+def scale_storage(
+  g: Group,
+  s: GroupStats,
+  lo: Any,
+  hi: Any,
+  options: QuantizeOptions,
 ) -> np.ndarray:
-  """Which layers of ``g`` store float16 scales ``(L,)``; ValueError if asked, unfit.
+  """How each layer of ``g`` stores its scales ``(L,)``, an index of SCALE_DTYPES.
 
-  A stacked leaf has one scale dtype: float16 only if every one of its layers fits.
+  ``lo`` and ``hi`` bound each layer's clip ratio ``(L,)``. ``"auto"`` takes uint8
+  for groups of ``CODED_MIN_BLOCKS`` or more, float16 for other groups and
+  float32 for the rest, each only where every layer of a leaf fits, the next
+  otherwise. ValueError where a storage asked for does not fit.
   """
   asked = options.stored_scale_dtype
-  if asked is None and isinstance(options.granularity, str):
-    return np.zeros(g.layer_count, bool)
+  if asked is not None:
+    order = [qarray.SCALE_DTYPES.index(asked)]
+  elif isinstance(options.granularity, str):
+    order = [FLOAT32]
+  else:
+    order = [UINT8, FLOAT16] if g.blocks.nk >= CODED_MIN_BLOCKS else [FLOAT16]
   low = options.search_config.clip_lo if options.clip_mode == 'block' else 1.0
-  host = np.asarray(s.absmax).reshape(g.layer_count, -1) * np.asarray(clips)[:, None]
-  half = np.array([_fp16_fits(x, low) for x in host], bool)
-  if asked == np.dtype(np.float16) and not half.all():
-    path = g.owner(int(np.argmin(half)))[0].path
-    raise ValueError(
-      f'{path}: block scales fall outside the float16 range; use scale_dtype=float32'
-    )
-  if asked == np.dtype(np.float32):
-    half[:] = False
-  offsets = np.cumsum([0] + [leaf.layer_count for leaf in g.leaves])
-  for lo, hi in zip(offsets[:-1], offsets[1:]):
-    half[lo:hi] = half[lo:hi].all()
-  return half
+  host = np.asarray(sharding.gather(s.absmax)).reshape(g.layer_count, -1)
+  lo, hi = np.asarray(lo, np.float32) * low, np.asarray(hi, np.float32)
+  out = np.full(g.layer_count, FLOAT32, np.int8)
+  starts = np.cumsum([0] + [leaf.layer_count for leaf in g.leaves])
+  for leaf, first, last in zip(g.leaves, starts[:-1], starts[1:]):
+    for kind in order:
+      fits = [_fits(host[i], lo[i], hi[i], kind) for i in range(first, last)]
+      if all(fits):
+        out[first:last] = kind
+        break
+      if asked is not None:
+        name = qarray.SCALE_DTYPES[kind].name
+        raise ValueError(
+          f'{leaf.path}: block scales fall outside the {name} range; use'
+          ' scale_dtype=float32'
+        )
+  return out
 
 
 def encode(
@@ -621,11 +646,11 @@ def encode(
   clips: jax.Array,
   options: QuantizeOptions,
   bar: Any,
-  halves: Sequence[np.ndarray] | None = None,
+  storage: Sequence[np.ndarray] | None = None,
 ) -> list[Encoded]:
   """Each group's packed codes and stored scales.
 
-  ``halves`` are each group's float16 layers where chosen already (a bit budget
+  ``storage`` is each group's scale storage where chosen already (a bit budget
   counts them before the search).
   """
   out = []
@@ -634,7 +659,7 @@ def encode(
     n = g.layer_count
     a, c = alphas[offset : offset + n], clips[offset : offset + n]
     offset += n
-    half = half_scales(g, s, c, options) if halves is None else halves[i]
+    kinds = scale_storage(g, s, c, c, options) if storage is None else storage[i]
     kwargs = dict(
       k=g.blocks.k,
       n=g.blocks.n,
@@ -646,15 +671,13 @@ def encode(
       config=options.search_config,
     )
     if g.layout is None:
-      codes, scales = encoding.encode_layers(
-        g.values, a, c, s.absmax, jnp.asarray(half), **kwargs
-      )
+      e = encoding.encode_layers(g.values, a, c, s.absmax, jnp.asarray(kinds), **kwargs)
     else:
-      codes, scales = sharding.encode_layers(
-        g.values, a, c, s.absmax, jnp.asarray(half), layout=g.layout, **kwargs
+      e = sharding.encode_layers(
+        g.values, a, c, s.absmax, jnp.asarray(kinds), layout=g.layout, **kwargs
       )
-    _advance(bar, codes, g.weights)
-    out.append(Encoded(codes, scales, half))
+    _advance(bar, e.codes, g.weights)
+    out.append(Encoded(e, kinds))
   return out
 
 
@@ -673,7 +696,7 @@ def flushed(
     for j, leaf in enumerate(g.leaves):
       layers = absmax[first : first + leaf.layer_count].reshape(-1)
       first += leaf.layer_count
-      scale = np.asarray(sharding.gather(e.scales[j])).reshape(-1)
+      scale = np.asarray(sharding.gather(e.arrays.scales[j])).reshape(-1)
       lost = int(np.sum((layers > 0) & (scale == 0)))
       if lost:
         out.append(f'{leaf.path} ({lost} of {scale.size} blocks)')
@@ -704,15 +727,20 @@ def assemble(
     first = 0  # the leaf's first layer in the group
     for j, leaf in enumerate(g.leaves):
       alpha = host_alphas[offset : offset + leaf.layer_count].reshape(leaf.layers)
-      half = leaf.layer_count > 0 and e.half[first]
-      scale = e.scales[j].astype(jnp.float16) if half else e.scales[j]
+      kind = e.storage[first] if leaf.layer_count else FLOAT32
+      scale, column = e.arrays.scales[j], None
+      if kind == FLOAT16:
+        scale = scale.astype(jnp.float16)
+      elif kind == UINT8:
+        scale, column = e.arrays.steps[j], e.arrays.columns[j]
       table = np.zeros((leaf.layer_count, levels), np.float32)
       for i, a in enumerate(alpha.reshape(-1)):
         table[i] = grid.decode_table(float(a), g.bits, options.grid)
       table = table.reshape(*leaf.layers, levels)
       out[leaf.position] = QArray(
-        codes=e.codes[j],
+        codes=e.arrays.codes[j],
         scale=scale,
+        column_scale=column,
         alpha=sharding.place(jnp.asarray(alpha), where),
         table=sharding.place(jnp.asarray(table), where),
         bits=g.bits,
@@ -777,9 +805,13 @@ def quantize(
         ``"layer"``): one ratio per leaf, searched jointly with the exponent;
         ``"block"``: then each block picks the best of a few ratios around it;
         ``False``: ``c = 1``, the paper's absmax scale; a float: that ratio.
-      - ``scale_dtype``: storage of the block scales: ``"auto"`` (float16 for
-        groups, whose scales cost ``16 / G`` bits a weight, where every scale is a
-        normal float16; float32 otherwise), ``float32`` or ``float16``.
+      - ``scale_dtype``: storage of the block scales: ``"auto"``, ``float32``,
+        ``float16`` or ``uint8`` (each block's scale in 255ths, rounded up, of
+        its column's largest, stored as float32, as llama.cpp's k-quants store
+        theirs: ``8 / G + 32 / K`` bits a weight).
+        ``"auto"``: uint8 for groups of 5 or more blocks a column; float16 for
+        other groups, whose scales cost ``16 / G`` bits a weight, where every
+        scale is a normal float16; float32 otherwise.
       - ``filter``: ``filter(path, leaf) -> bool`` picks the leaves to quantize;
         ``path`` is the ``/``-joined key path. Default: floating leaves with
         ndim >= 2.
@@ -816,12 +848,12 @@ def quantize(
   with jax.enable_x64(False):
     bar = _progress_bar(2 * sum(g.weights for g in groups), opts.progress)
     group_stats = statistics(groups, opts.search_config, bar)
-    halves = start = None
+    storage = start = None
     if opts.bits_per_weight is not None:
-      groups, group_stats, halves, *points = choose_widths(groups, group_stats, opts)
+      groups, group_stats, storage, *points = choose_widths(groups, group_stats, opts)
       start = (points[0], points[1])
     alphas, clips = search(groups, group_stats, opts, start)
-    encoded = encode(groups, group_stats, alphas, clips, opts, bar, halves)
+    encoded = encode(groups, group_stats, alphas, clips, opts, bar, storage)
     if bar is not None:
       bar.close()
     zeros = flushed(groups, group_stats, encoded)

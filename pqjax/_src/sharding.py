@@ -285,7 +285,7 @@ def encode_layers(
   alpha: jax.Array,
   clip: jax.Array,
   absmax: jax.Array,
-  fp16: jax.Array,
+  storage: jax.Array,
   *,
   layout: Layout,
   k: int,
@@ -296,7 +296,7 @@ def encode_layers(
   grid: str,
   block_clip: bool,
   config: SearchConfig,
-) -> tuple[list[jax.Array], list[jax.Array]]:
+) -> encoding.Encoding:
   """:func:`encoding.encode_layers` of sharded leaves: codes and scales stay sharded.
 
   Each leaf's per-layer inputs are cut out and sharded like its layer axes, so a
@@ -304,6 +304,8 @@ def encode_layers(
   """
   kl, nl = k // layout.kx, n // layout.nx
   ncol = absmax.shape[3]
+  # A column's largest scale spans the shards of K.
+  split = nk > 1 and bool(layout.kaxes)
   fn = functools.partial(
     encoding.encode_block,
     nk=nk // layout.kx if nk > 1 else 1,
@@ -311,22 +313,21 @@ def encode_layers(
     grid=grid,
     block_clip=block_clip,
     config=config,
+    column_max=lambda x: jax.lax.pmax(x, layout.kaxes) if split else x,
   )
 
-  def local(ws, alpha, clip, absmax, fp16):
+  def local(ws, alpha, clip, absmax, storage):
     shapes = _layers(ws, layout)
-    flat = [_joined(x, layout) for x in (alpha, clip, absmax, fp16)]
-    codes, scales = jax.vmap(fn)(_local(ws, kl, nl), *flat)
-    return (
-      tuple(encoding.split_layers(codes, shapes)),
-      tuple(encoding.split_layers(scales, shapes)),
-    )
+    flat = [_joined(x, layout) for x in (alpha, clip, absmax, storage)]
+    out = jax.vmap(fn)(_local(ws, kl, nl), *flat)
+    return tuple(tuple(encoding.split_layers(x, shapes)) for x in out)
 
   cut = lambda x: tuple(encoding.split_layers(x, layers))
   per_leaf = lambda spec: tuple(spec for _ in leaves)
   v = layout.view(True, True)
   s = layout.view(nk > 1, ncol > 1)
-  codes, scales = jax.shard_map(
+  scales = per_leaf(layout.per_layer(*s))
+  out = jax.shard_map(
     local,
     mesh=layout.mesh,
     in_specs=(
@@ -336,9 +337,15 @@ def encode_layers(
       per_leaf(_scale_spec(layout, nk, ncol)),
       per_leaf(layout.per_layer()),
     ),
-    out_specs=(per_leaf(layout.per_layer(*v)), per_leaf(layout.per_layer(*s))),
-  )(tuple(leaves), cut(alpha), cut(clip), cut(absmax), cut(fp16))
-  return list(codes), list(scales)
+    out_specs=(
+      per_leaf(layout.per_layer(*v)),
+      scales,
+      scales,
+      # One column scale per column, sharded as the columns.
+      per_leaf(layout.per_layer(None, s[1])),
+    ),
+  )(tuple(leaves), cut(alpha), cut(clip), cut(absmax), cut(storage))
+  return encoding.Encoding(*(list(x) for x in out))
 
 
 # --- placement of the small arrays -------------------------------------------------

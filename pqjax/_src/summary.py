@@ -72,6 +72,9 @@ class LeafSummary:
   bytes_after: int
   layers: tuple[int, ...] = ()
   exponents: tuple[float, ...] = ()
+  # How the block scales are stored: float32, float16 or uint8 (steps of a column
+  # scale).
+  scale_dtype: str = 'float32'
 
   @property
   def size(self) -> int:
@@ -241,7 +244,7 @@ def exponent_text(x: LeafSummary) -> str:
 
 def _blocks_text(x: LeafSummary) -> str:
   nk, ncol = x.blocks
-  return f'{nk * ncol * x.layer_count} ({x.granularity})'
+  return f'{nk * ncol * x.layer_count} ({x.granularity}, {x.scale_dtype})'
 
 
 def _leaf_summary(path: str, q: QArray) -> LeafSummary:
@@ -262,6 +265,7 @@ def _leaf_summary(path: str, q: QArray) -> LeafSummary:
     bytes_after=q.nbytes,
     layers=q.layers,
     exponents=exponents,
+    scale_dtype=np.dtype(q.scale.dtype).name,
   )
 
 

@@ -216,6 +216,7 @@ def _quantize(args: argparse.Namespace) -> int:
     exponent=args.exponent,
     grid=args.grid,
     clip=args.clip,
+    scale_dtype=args.scale_dtype,
     layer_axes=stacked(args.layer_axes),
   )
   jax.block_until_ready(params_q)
@@ -310,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     default=True,
     help='"layer" (a clip ratio searched per leaf), "block", "off" or a'
     ' fixed ratio in (0, 1] (default: layer)',
+  )
+  p.add_argument(
+    '--scale-dtype',
+    choices=('auto', 'float32', 'float16', 'uint8'),
+    default='auto',
+    help='storage of the block scales; "uint8": 255ths of a float32 scale per'
+    ' column (default: auto, uint8 for groups of 5 or more blocks a column, float16'
+    ' for other groups, float32 per channel)',
   )
   p.add_argument(
     '--layer-axes',

@@ -115,6 +115,7 @@ def one_layer(q: QArray, index: tuple[int, ...]) -> QArray:
   return QArray(
     codes=q.codes[index],
     scale=q.scale[index],
+    column_scale=None if q.column_scale is None else q.column_scale[index],
     alpha=q.alpha[index],
     table=q.table[index],
     bits=q.bits,
@@ -225,7 +226,7 @@ def error_curves(
 def row_scales(q: QArray) -> np.ndarray:
   """The float32 scale of every row of one layer's (K, N) view: ``(K, ncol)``."""
   k, _ = q.matrix_shape
-  return np.repeat(np.asarray(q.scale, np.float32), q.block_rows, axis=0)[:k]
+  return np.repeat(np.asarray(q.block_scale()), q.block_rows, axis=0)[:k]
 
 
 def normalised(w: Any, q: QArray) -> np.ndarray:

@@ -160,15 +160,21 @@ def test_grid_and_clip_flags(inputs, params):
       (['--grid', 'symmetric', '--clip', 'off'], dict(grid='symmetric', clip=False)),
       (['--clip', 'block'], dict(clip='block')),
       (['--clip', '0.8', '--exponent', '0.7'], dict(clip=0.8, exponent=0.7)),
+      (['--granularity', '4'], dict(granularity=4)),  # 8 blocks a column: uint8
+      (
+        ['--granularity', '4', '--scale-dtype', 'float16'],
+        dict(granularity=4, scale_dtype='float16'),
+      ),
     )
   ):
     out = inputs / f'q{i}.safetensors'
     assert main(['quantize', str(inputs / 'p.msgpack'), str(out), *flags]) == 0
     got = pqjax.load_safetensors(out)['dense']['kernel']
     want = pqjax.quantize(params, 4, **kwargs)[0]['dense']['kernel']
-    assert got.grid == want.grid
+    assert got.grid == want.grid and got.scale.dtype == want.scale.dtype
     np.testing.assert_array_equal(got.codes, want.codes)
     np.testing.assert_array_equal(got.scale, want.scale)
+    np.testing.assert_array_equal(got.block_scale(), want.block_scale())
 
 
 def test_layer_axes_flag(tmp_path, capsys):

@@ -163,6 +163,46 @@ def decode_packed(
   return (block_view(levels, nk) * scale).reshape(-1, n)[:k]
 
 
+# uint8 block scales count 255ths of their column's scale.
+SCALE_STEPS = 255
+# Rounding a scale up to whole steps forgives this fraction of a step: float
+# rounding of ``scale / column * 255`` is far below it (about 3e-5), and a scale
+# already a whole number of steps, as in re-quantized weights, keeps it.
+SCALE_SLACK = 2.0**-10
+
+
+# What each uint8 count stands for: ``u / 255`` rounded once to float32 (255 is
+# exactly 1). Looked up, not computed: XLA folds a multiply by a constant into the
+# next one, and the column scale's 255th can be a subnormal float32, which XLA
+# flushes to zero.
+STEP_FRACTIONS = (np.arange(SCALE_STEPS + 1) / SCALE_STEPS).astype(np.float32)
+
+
+def scale_values(scale: jax.Array, column_scale: jax.Array | None) -> jax.Array:
+  """Float32 block scales from their storage: floats, or uint8 255ths of a column's.
+
+  A uint8 count's fraction times its column's scale, one float32 multiply, so the
+  encoder, every decoding path and a NumPy reference get the same values, and they
+  underflow only where float32 scales would.
+  """
+  if column_scale is None:
+    return scale.astype(jnp.float32)
+  fractions = jnp.asarray(STEP_FRACTIONS).at[scale.astype(jnp.int32)]
+  return fractions.get(mode='promise_in_bounds') * column_scale
+
+
+def coded_scales(scale: jax.Array, column: jax.Array) -> jax.Array:
+  """uint8 steps of block scales ``(..., nk, ncol)`` under their column's largest.
+
+  ``column`` ``(..., 1, ncol)`` is 255 steps. Steps are rounded up (forgiving
+  ``SCALE_SLACK``), so no block is clipped more than its scale asks; an all-zero
+  block keeps 0 steps.
+  """
+  ratio = scale / jnp.where(column > 0, column, 1) * SCALE_STEPS
+  u = jnp.clip(jnp.ceil(ratio - SCALE_SLACK), 0, SCALE_STEPS)
+  return jnp.where(column > 0, u, 0).astype(jnp.uint8)
+
+
 def packed_dtype(bits: int) -> np.dtype:
   """Storage dtype of packed codes."""
   return np.dtype(np.uint8) if bits in PACKED_BITS else np.dtype(np.int8)

@@ -25,14 +25,18 @@ class QArray:
   Attributes:
     codes: packed codes along K: ``(*layers, packed_rows(K, bits), N)``, uint8 for
       2 to 4 bits (table indices), int8 for 5 to 8 bits (signed codes).
-    scale: block scales ``(*layers, nk, ncol)`` (float32, or float16 for small
-      groups): ``nk`` blocks of ``ceil(K / nk)`` rows (the last may be shorter),
-      ``ncol`` is 1 (one scale for all columns) or N (one per column).
+    scale: block scales ``(*layers, nk, ncol)``: ``nk`` blocks of ``ceil(K / nk)``
+      rows (the last may be shorter), ``ncol`` is 1 (one scale for all columns) or
+      N (one per column). float32 or float16 values, or uint8 255ths of
+      ``column_scale`` (:meth:`block_scale` gives the values either way).
     alpha: float32 ``(*layers)`` (a scalar without layer axes): the exponent of
       the power map.
     table: float32 ``(*layers, levels)``: the decoded level of each code in order,
       ``2 ** bits - 1`` levels for the paper's symmetric grid, ``2 ** bits`` for
       the full grid. Decoding is a lookup and a multiply by the block scale.
+    column_scale: with uint8 scales, float32 ``(*layers, 1, ncol)``: each
+      column's largest block scale, a block's being ``scale / 255`` of it (rounded
+      up); None with float scales.
     bits: code width, 2 to 8.
     shape: shape of the original leaf, layer axes included.
     dtype: dtype of the original leaf, which decoding gives back.
@@ -47,6 +51,7 @@ class QArray:
   shape: tuple[int, ...]
   dtype: np.dtype
   layer_axes: int = 0
+  column_scale: jax.Array | None = None
 
   def __post_init__(self) -> None:
     # Pytree utilities rebuild nodes with placeholder leaves; validate arrays only.
@@ -75,6 +80,15 @@ class QArray:
     nk, ncol = scale[-2:]
     if nk < 1 or nk > max(k, 1) or -(-k // -(-k // nk)) != nk or ncol not in (1, n):
       raise ValueError(f'scale shape {scale} does not tile a ({k}, {n}) matrix')
+    coded = np.dtype(self.scale.dtype) == np.dtype(np.uint8)
+    if np.dtype(self.scale.dtype) not in SCALE_DTYPES:
+      raise ValueError(f'scale dtype {self.scale.dtype} is not one of {SCALE_DTYPES}')
+    if coded != (self.column_scale is not None):
+      raise ValueError('uint8 scales need a column_scale, and only they have one')
+    column = (*layers, 1, ncol)
+    got = getattr(self.column_scale, 'shape', column)
+    if is_array(self.column_scale) and tuple(got) != column:
+      raise ValueError(f'column_scale must have shape {column}, got {tuple(got)}')
     if is_array(self.alpha) and tuple(self.alpha.shape) != layers:
       raise ValueError(f'alpha must have shape {layers}, got {tuple(self.alpha.shape)}')
     sizes = [(*layers, num_levels(self.bits, g)) for g in GRIDS]
@@ -101,7 +115,8 @@ class QArray:
     """Bytes held by the codes, scales, exponent and decoding table."""
     return sum(
       int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-      for x in (self.codes, self.scale, self.alpha, self.table)
+      for x in (self.codes, self.scale, self.alpha, self.table, self.column_scale)
+      if x is not None
     )
 
   @property
@@ -124,6 +139,10 @@ class QArray:
     """Stored bits per weight, counting scales, the exponent and the table."""
     return 8 * self.nbytes / max(self.size, 1)
 
+  def block_scale(self) -> jax.Array:
+    """The block scales' values, float32 ``(*layers, nk, ncol)``."""
+    return packing.scale_values(self.scale, self.column_scale)
+
   def dequantize(self) -> jax.Array:
     """Decodes to an array of the original shape and dtype."""
     k, n = self.matrix_shape
@@ -132,11 +151,12 @@ class QArray:
     def one(codes: jax.Array, scale: jax.Array, table: jax.Array) -> jax.Array:
       return packing.decode_packed(codes, scale[:, None, :], table, self.bits, k)
 
+    scale = self.block_scale()
     if not self.layer_axes:
-      w = one(self.codes, self.scale, self.table)
+      w = one(self.codes, scale, self.table)
     else:
       flat = lambda x: x.reshape(count, *x.shape[self.layer_axes :])
-      w = jax.vmap(one)(flat(self.codes), flat(self.scale), flat(self.table))
+      w = jax.vmap(one)(flat(self.codes), flat(scale), flat(self.table))
     return w.reshape(self.shape).astype(self.dtype)
 
   def __repr__(self) -> str:
@@ -154,21 +174,28 @@ def stored_nbytes(
   levels: int,
   nk: int,
   ncol: int,
-  scale_itemsize: int,
+  scale_dtype: np.dtype,
 ) -> int:
   """Bytes a :class:`QArray` of these parameters holds (its ``nbytes``), unbuilt.
 
   ``levels`` is the length of its table and ``nk`` by ``ncol`` its scale blocks per
-  layer.
+  layer, stored as ``scale_dtype``.
   """
   layers = math.prod(shape[:layer_axes])
   k, n = matrix_shape(tuple(shape[layer_axes:]))
   codes = packing.packed_rows(k, bits) * n
-  return layers * (codes + nk * ncol * scale_itemsize + 4 + 4 * levels)
+  scales = nk * ncol * np.dtype(scale_dtype).itemsize
+  if np.dtype(scale_dtype) == np.dtype(np.uint8):
+    scales += 4 * ncol  # the float32 column scale
+  return layers * (codes + scales + 4 + 4 * levels)
 
 
-# The array fields, in pytree order; checkpoints store one tensor for each.
-DATA_FIELDS = ('codes', 'scale', 'alpha', 'table')
+# The array fields, in pytree order; checkpoints store one tensor for each that is
+# not None.
+DATA_FIELDS = ('codes', 'scale', 'alpha', 'table', 'column_scale')
+
+# How block scales may be stored.
+SCALE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint8))
 
 jax.tree_util.register_dataclass(
   QArray,

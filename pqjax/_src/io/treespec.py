@@ -2,7 +2,8 @@
 
 A quantized tree is saved as plain tensors plus JSON metadata that rebuilds it
 exactly. Each array leaf is one tensor named by its path (``encoder/0/bias``); each
-:class:`QArray` is four: ``<path>.codes``, ``.scale``, ``.alpha`` and ``.table``. The
+:class:`QArray` is four: ``<path>.codes``, ``.scale``, ``.alpha`` and ``.table``, and a
+fifth, ``.column_scale``, where its scales are uint8 steps of a column scale. The
 metadata records the format name, a format version, the tree (dicts, lists, tuples,
 None) with every leaf's shape and dtype and every QArray's bits and layer axes, and a
 SHA-256 over the metadata and the tensor bytes, so corruption anywhere is caught on
@@ -33,6 +34,9 @@ from pqjax._src.core.qarray import DATA_FIELDS, QArray
 
 FORMAT = 'pqjax'
 FORMAT_VERSION = 1
+
+# QArray fields that may be absent (None): files without them read as before.
+OPTIONAL_FIELDS = ('column_scale',)
 
 PathLike = str | os.PathLike
 
@@ -116,7 +120,11 @@ def _encode(node: Any, path: tuple[Any, ...], flat: _Flat) -> dict[str, Any]:
   if node is None:
     return {'type': 'none'}
   if isinstance(node, QArray):
-    fields = {f: flat.add(f'{path_str(path)}.{f}', getattr(node, f)) for f in DATA_FIELDS}
+    fields = {
+      f: flat.add(f'{path_str(path)}.{f}', getattr(node, f))
+      for f in DATA_FIELDS
+      if getattr(node, f) is not None
+    }
     # Recorded only where there are layer axes: a tree without any is written as
     # before they existed, and an Orbax target matches either.
     layers = {'layer_axes': node.layer_axes} if node.layer_axes else {}
@@ -231,7 +239,12 @@ def _decode(
     layer_axes = spec.get('layer_axes', 0)
     if type(layer_axes) is not int or layer_axes < 0:
       raise ValueError(f'bad layer_axes {layer_axes!r}')
-    fields = {f: convert(_tensor(spec['fields'][f], tensors, used)) for f in DATA_FIELDS}
+    stored = spec['fields']
+    fields = {
+      f: convert(_tensor(stored[f], tensors, used))
+      for f in DATA_FIELDS
+      if f in stored or f not in OPTIONAL_FIELDS
+    }
     if bits in LEGACY_BYTE_BITS and np.dtype(fields['codes'].dtype) == np.int8:
       fields['codes'] = _pack_legacy(fields['codes'], bits, fields['table'].shape[-1])
     return QArray(
@@ -341,8 +354,7 @@ def _refs(spec: Any) -> Iterator[dict[str, Any]]:
   if kind == 'array':
     yield spec
   elif kind == 'qarray':
-    for f in DATA_FIELDS:
-      yield spec.get('fields', {}).get(f, {})
+    yield from spec.get('fields', {}).values()
   else:
     for v in spec.get('values', []):
       yield from _refs(v)

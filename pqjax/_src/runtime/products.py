@@ -22,7 +22,7 @@ from jax.extend import core
 from pqjax._src.core import grid, packing
 from pqjax._src.core.qarray import QArray
 from pqjax._src.runtime import activations, pallas_matmul, small_product
-from pqjax._src.runtime.weights import Weight, tied
+from pqjax._src.runtime.weights import Weight, tied, tied_scales
 
 if TYPE_CHECKING:
   from pqjax._src.runtime.rewrite import Rewriter
@@ -124,7 +124,7 @@ def _fused_product(
   lead = tuple(x.shape[i] for i in view.x_free)
   x2 = jnp.transpose(x, (*view.x_free, *view.x_contract)).reshape(math.prod(lead), k)
   # Tied to the activation, as a decode is: the product cannot start early.
-  scale = tied(q.scale, x2)
+  scale = tied_scales(q, x2).scale
   if kernel:
     y = pallas_matmul.packed_matmul(
       x2.astype(jnp.float32) if x2.dtype == jnp.float64 else x2,
@@ -166,12 +166,13 @@ def _blocked_decode(
   ncol = q.scale.shape[-1]
   outs: list[jax.Array] = []
   tie = x2
+  scales = q.block_scale()
   for start in range(0, n, width):
     stop = min(n, start + width)
     cols = slice(start, stop)
     block = QArray(
       codes=q.codes[:, cols],
-      scale=tied(q.scale[:, cols] if ncol > 1 else q.scale, tie),
+      scale=tied(scales[:, cols] if ncol > 1 else scales, tie),
       alpha=q.alpha,
       table=q.table,
       bits=q.bits,
@@ -295,8 +296,10 @@ def decode_rows(weight: Weight, rows: jax.Array) -> jax.Array:
     index = signed + grid.zero_code(q.table.shape[-1])
   levels = jnp.take(q.table, index, axis=0)
   nk, ncol = q.scale.shape
-  scale = q.scale.astype(jnp.float32)
-  block = jnp.take(scale, jnp.minimum(rows // q.block_rows, nk - 1), axis=0)
+  block = jnp.take(q.scale, jnp.minimum(rows // q.block_rows, nk - 1), axis=0)
+  # The rows' scales alone: uint8 steps are turned into values after the lookup.
+  column = None if q.column_scale is None else q.column_scale[0]
+  block = packing.scale_values(block, column)
   w = (levels * (block if ncol > 1 else block[..., :1])).astype(q.dtype)
   for op in weight.ops:  # dtype conversions only
     w = op(w)

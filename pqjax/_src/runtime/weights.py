@@ -64,7 +64,7 @@ class Weight:
     """
     q = self.q
     if tie is not None:
-      q = dataclasses.replace(q, scale=tied(q.scale, tie))
+      q = tied_scales(q, tie)
     w = q.dequantize()
     for op in self.ops:
       w = op(w)
@@ -85,6 +85,11 @@ def tied(value: jax.Array, tie: jax.Array) -> jax.Array:
   return value + zero.astype(value.dtype)
 
 
+def tied_scales(q: QArray, tie: jax.Array) -> QArray:
+  """``q`` with its block scales as float32 values, tied to ``tie`` (:func:`tied`)."""
+  return dataclasses.replace(q, scale=tied(q.block_scale(), tie), column_scale=None)
+
+
 # --- passing weights across program boundaries (scan, while, cond, remat) ------------
 
 
@@ -97,20 +102,20 @@ class Packed:
   sliced: bool = False
 
 
+def _present(q: QArray) -> list[str]:
+  return [f for f in DATA_FIELDS if getattr(q, f) is not None]
+
+
 def fields(w: Weight) -> list[jax.Array]:
-  return [getattr(w.q, f) for f in DATA_FIELDS]
+  return [getattr(w.q, f) for f in _present(w.q)]
 
 
 def rebuild(packed: Packed, arrays: list[jax.Array]) -> Weight:
   """The weight of ``packed`` with its fields replaced by ``arrays``."""
   q = packed.weight.q
-  codes, scale, alpha, table = arrays
   sliced = packed.sliced
   q = QArray(
-    codes=codes,
-    scale=scale,
-    alpha=alpha,
-    table=table,
+    **dict(zip(_present(q), arrays)),
     bits=q.bits,
     shape=tuple(q.shape[1:]) if sliced else q.shape,
     dtype=q.dtype,
@@ -142,9 +147,11 @@ def as_layers(q: QArray, length: int) -> QArray | None:
     scale = jnp.broadcast_to(q.scale, (length, 1, ncol))
   else:
     scale = q.scale.reshape(length, nk // length, ncol)
+  column = q.column_scale
   return QArray(
     codes=codes,
     scale=scale,
+    column_scale=None if column is None else jnp.broadcast_to(column, (length, 1, ncol)),
     alpha=jnp.broadcast_to(q.alpha, (length,)),
     table=jnp.broadcast_to(q.table, (length, q.table.shape[-1])),
     bits=q.bits,
