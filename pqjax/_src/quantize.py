@@ -601,8 +601,8 @@ def _fits(absmax: np.ndarray, lo: float, hi: float, kind: int) -> bool:
 def scale_storage(
   g: Group,
   s: GroupStats,
-  lo: Any,
-  hi: Any,
+  lo: np.ndarray | jax.Array,
+  hi: np.ndarray | jax.Array,
   options: QuantizeOptions,
 ) -> np.ndarray:
   """How each layer of ``g`` stores its scales ``(L,)``, an index of SCALE_DTYPES.
