@@ -45,11 +45,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import publish
+from common import minilm_fidelity, publish
 from references import hqq, q2_k, q3_k, q4_k
 
 import pqjax
-from pqjax.tools import corpus, minilm
+from pqjax.tools import minilm
 
 # The bitsandbytes NF4 codebook (QLoRA): quantiles of a standard normal, rescaled.
 NF4 = np.array(
@@ -248,9 +248,7 @@ def main() -> None:
   args = parser.parse_args()
 
   model = minilm.load()
-  text = minilm.tokenize(model.tokenizer, corpus.stdlib_sentences(args.sentences))
-  embed = minilm.embed_fn(pqjax.wrap(model.module.apply))
-  reference = minilm.embed_all(minilm.embed_fn(model.module.apply), model.params, text)
+  text, embed, reference = minilm_fidelity(model, args.sentences)
 
   rows = []
 

@@ -37,10 +37,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from common import publish
+from common import minilm_fidelity, publish
 
 import pqjax
-from pqjax.tools import corpus, minilm
+from pqjax.tools import minilm
 
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 4.25)
 
@@ -113,16 +113,14 @@ def main() -> None:
     '',
   ]
   if not args.skip_estimates:
-    text = minilm.tokenize(model.tokenizer, corpus.stdlib_sentences(args.sentences))
-    embed = minilm.embed_fn(pqjax.wrap(model.module.apply))
-    reference = minilm.embed_all(minilm.embed_fn(model.module.apply), params, text)
+    fidelity = minilm_fidelity(model, args.sentences)
     rows = []
     for name, importance in estimates(params).items():
       for budget in BUDGETS:
         params_q, _ = pqjax.quantize(
           params, bits_per_weight=budget, importance=importance
         )
-        cos = minilm.cosines(reference, minilm.embed_all(embed, params_q, text))
+        cos = fidelity.cosines(params_q)
         rows.append((name, budget, float(cos.mean()), float(cos.min()), params_q))
         print(
           f'| {name} | {budget} | {pqjax.summary(params_q).bits_per_weight:.3f} |'

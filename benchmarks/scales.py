@@ -22,10 +22,10 @@ import platform
 import time
 
 import jax
-from common import publish
+from common import minilm_fidelity, publish
 
 import pqjax
-from pqjax.tools import corpus, minilm
+from pqjax.tools import minilm
 
 
 def main() -> None:
@@ -36,9 +36,7 @@ def main() -> None:
   args = parser.parse_args()
 
   model = minilm.load()
-  text = minilm.tokenize(model.tokenizer, corpus.stdlib_sentences(args.sentences))
-  embed = minilm.embed_fn(pqjax.wrap(model.module.apply))
-  reference = minilm.embed_all(minilm.embed_fn(model.module.apply), model.params, text)
+  fidelity = minilm_fidelity(model, args.sentences)
   rows = []
 
   def record(label, granularity, scale_dtype):
@@ -50,8 +48,7 @@ def main() -> None:
     s = pqjax.summary(params_q)
     bpw = 8 * s.quantized_after / sum(x.size for x in s.leaves)
     dtypes = sorted({x.scale_dtype for x in s.leaves})
-    emb = minilm.embed_all(embed, params_q, text)
-    cos = minilm.cosines(reference, emb)
+    cos = fidelity.cosines(params_q)
     err = pqjax.relative_error(model.params, params_q)
     row = (
       label,
