@@ -22,7 +22,7 @@ from jax.extend import core
 from pqjax._src.core import grid, packing
 from pqjax._src.core.qarray import QArray
 from pqjax._src.runtime import activations, pallas_matmul, small_product
-from pqjax._src.runtime.weights import Weight, tied, tied_scales
+from pqjax._src.runtime.weights import Weight, tied
 
 if TYPE_CHECKING:
   from pqjax._src.runtime.rewrite import Rewriter
@@ -124,7 +124,7 @@ def _fused_product(
   lead = tuple(x.shape[i] for i in view.x_free)
   x2 = jnp.transpose(x, (*view.x_free, *view.x_contract)).reshape(math.prod(lead), k)
   # Tied to the activation, as a decode is: the product cannot start early.
-  scale = tied_scales(q, x2).scale
+  scale = tied(q.block_scale(), x2)
   if kernel:
     y = pallas_matmul.packed_matmul(
       x2.astype(jnp.float32) if x2.dtype == jnp.float64 else x2,

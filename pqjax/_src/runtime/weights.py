@@ -64,7 +64,8 @@ class Weight:
     """
     q = self.q
     if tie is not None:
-      q = tied_scales(q, tie)
+      # The scales are tied as their float32 values, which the decode then reads.
+      q = dataclasses.replace(q, scale=tied(q.block_scale(), tie), column_scale=None)
     w = q.dequantize()
     for op in self.ops:
       w = op(w)
@@ -83,11 +84,6 @@ def tied(value: jax.Array, tie: jax.Array) -> jax.Array:
   t = jax.lax.stop_gradient(tie).reshape(-1)[0]
   zero = jnp.where(jnp.isfinite(t), t * 0, jnp.zeros_like(t))
   return value + zero.astype(value.dtype)
-
-
-def tied_scales(q: QArray, tie: jax.Array) -> QArray:
-  """``q`` with its block scales as float32 values, tied to ``tie`` (:func:`tied`)."""
-  return dataclasses.replace(q, scale=tied(q.block_scale(), tie), column_scale=None)
 
 
 # --- passing weights across program boundaries (scan, while, cond, remat) ------------
