@@ -167,6 +167,15 @@ def unpack_indices(codes: np.ndarray, bits: int, k: int, table_size: int) -> np.
   return index.reshape(-1, n)[:k]
 
 
+def scale_values(scale: np.ndarray, column_scale: np.ndarray | None) -> np.ndarray:
+  """Float32 block scales from their storage: float values, or uint8 counts of 255ths
+  of the column's scale (``u / 255`` rounded once to float32, times it)."""
+  if column_scale is None:
+    return np.asarray(scale, np.float32)
+  steps = (np.asarray(scale) / 255).astype(np.float32)
+  return steps * np.asarray(column_scale, np.float32)
+
+
 def block_scales(scale: np.ndarray, k: int) -> np.ndarray:
   """Each of ``k`` rows' scale ``(k, ncol)`` from block scales ``(nk, ncol)``."""
   scale = np.asarray(scale)

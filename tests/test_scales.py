@@ -34,10 +34,7 @@ def absmax_blocks(w: np.ndarray, group: int) -> np.ndarray:
 
 def scale_values(q: pqjax.QArray) -> np.ndarray:
   """The stored scales' values, computed in NumPy from the stored arrays."""
-  if q.column_scale is None:
-    return np.asarray(q.scale, np.float32)
-  steps = (np.asarray(q.scale) / 255).astype(np.float32)
-  return steps * np.asarray(q.column_scale, np.float32)
+  return reference.scale_values(q.scale, q.column_scale)
 
 
 def numpy_decode(q: pqjax.QArray) -> np.ndarray:

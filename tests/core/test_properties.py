@@ -5,6 +5,7 @@ import inspect
 import ml_dtypes
 import numpy as np
 import pytest
+import reference
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -73,13 +74,7 @@ def options(case: dict, **override) -> dict:
 def row_scales(q: pqjax.QArray) -> np.ndarray:
   """Float32 scale of every row of the (K, N) view, ``(K, ncol)``."""
   k, _ = matrix_shape(q.shape)
-  rows = -(-k // q.scale.shape[0])
-  scale = np.asarray(q.scale).astype(np.float32)
-  if q.column_scale is not None:  # uint8 255ths of a column's scale
-    scale = (np.asarray(q.scale) / 255).astype(np.float32) * np.asarray(
-      q.column_scale, np.float32
-    )
-  return np.repeat(scale, rows, axis=0)[:k]
+  return reference.block_scales(reference.scale_values(q.scale, q.column_scale), k)
 
 
 def bracket(levels: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
