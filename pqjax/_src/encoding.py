@@ -91,7 +91,8 @@ def encode_block(
 
 class Encoding(NamedTuple):
   """A group's arrays, one per leaf: packed codes, the scales' float32 values as
-  stored, and their uint8 form (steps and column scale), kept where asked."""
+  stored, and their uint8 form (steps and column scale), which only leaves that
+  store uint8 scales keep."""
 
   codes: list[jax.Array]
   scales: list[jax.Array]
