@@ -14,6 +14,8 @@ from pqjax._src.io.safetensors import save as save_safetensors
 from pqjax._src.io.treespec import CheckpointError as CheckpointError
 from pqjax._src.options import QuantizeOptions as QuantizeOptions
 from pqjax._src.quantize import quantize as quantize
+from pqjax._src.runtime.native.library import NativeStatus as NativeStatus
+from pqjax._src.runtime.native.library import status as native_status
 from pqjax._src.runtime.products import Product as Product
 from pqjax._src.runtime.wrap import quantized_products as quantized_products
 from pqjax._src.runtime.wrap import wrap as wrap
@@ -29,6 +31,7 @@ __version__ = '0.1.0'
 __all__ = (
   'CheckpointError',
   'LeafSummary',
+  'NativeStatus',
   'Product',
   'QArray',
   'QuantizeOptions',
@@ -39,6 +42,7 @@ __all__ = (
   'load_float',
   'load_orbax',
   'load_safetensors',
+  'native_status',
   'nbytes',
   'path_str',
   'quantize',

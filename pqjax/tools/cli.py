@@ -235,10 +235,28 @@ def _replaceable_dir(path: str) -> bool:
   return not os.listdir(path) or os.path.isfile(os.path.join(path, 'pqjax.json'))
 
 
+def native_line() -> str:
+  """How products run here: the native CPU kernels (and their level) or XLA."""
+  import jax
+
+  import pqjax
+
+  status = pqjax.native_status()
+  if status.loaded:
+    where = '' if jax.default_backend() == 'cpu' else f' (not on {jax.default_backend()})'
+    return (
+      f'products: native CPU kernels, {status.level} (this CPU runs'
+      f' {", ".join(status.levels)}){where}'
+    )
+  return f'products: XLA paths ({status.reason})'
+
+
 def _info(args: argparse.Namespace) -> int:
   import pqjax
 
-  print(pqjax.summary(pqjax.load(args.checkpoint)))
+  if args.checkpoint is not None:
+    print(pqjax.summary(pqjax.load(args.checkpoint)))
+  print(native_line())
   return 0
 
 
@@ -338,9 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=_quantize)
 
   p = sub.add_parser(
-    'info', parents=[common], help='print the summary of a quantized checkpoint'
+    'info',
+    parents=[common],
+    help='print the summary of a quantized checkpoint, and how products run here',
   )
-  p.add_argument('checkpoint', help='a pqjax .safetensors file or Orbax directory')
+  p.add_argument(
+    'checkpoint', nargs='?', help='a pqjax .safetensors file or Orbax directory'
+  )
   p.set_defaults(func=_info)
 
   p = sub.add_parser(

@@ -1,9 +1,10 @@
 """How a product (or row lookup) of a quantized weight is computed inside ``wrap``.
 
 - A matrix product whose weight is used as stored (a ``(K, N)`` view contracted over
-  K) with few rows reads the packed codes and decodes them inside the product
-  (:mod:`.small_product` on XLA, :mod:`.pallas_matmul` where a kernel is asked
-  for): no ``(K, N)`` float array is written.
+  K) with few rows reads the packed codes and decodes them inside the product: on
+  CPU in the native kernel (:mod:`.native.product`), else in XLA
+  (:mod:`.small_product`), or in :mod:`.pallas_matmul` where a kernel is asked for.
+  No ``(K, N)`` float array is written.
 - Any other product decodes the weight just before it, tied to its activation so
   XLA cannot decode every weight at the start of the program.
 - A row lookup of an embedding table decodes only the rows it gathers.
@@ -17,11 +18,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core
 
 from pqjax._src.core import grid, packing
 from pqjax._src.core.qarray import QArray
 from pqjax._src.runtime import activations, pallas_matmul, small_product
+from pqjax._src.runtime.native import library as native_library
+from pqjax._src.runtime.native import product as native_product
 from pqjax._src.runtime.weights import Weight, tied
 
 if TYPE_CHECKING:
@@ -29,12 +33,18 @@ if TYPE_CHECKING:
 
 PRODUCTS = frozenset({'dot_general', 'conv_general_dilated'})
 
-# "auto": codes read inside the product for few rows, decode then dot otherwise;
-# "fused": codes read inside the product wherever the product allows it;
-# "decode": always decode then multiply; "kernel": the Pallas kernel wherever the
-# product allows it (interpreted on CPU: for tests).
-ProductPath = Literal['auto', 'fused', 'decode', 'kernel']
-PATHS: tuple[ProductPath, ...] = ('auto', 'fused', 'decode', 'kernel')
+# "auto": codes read inside the product for few rows (in the native kernel on CPU),
+# decode then dot otherwise; "fused": codes read inside the product in XLA wherever
+# the product allows it; "decode": always decode then multiply; "kernel": the Pallas
+# kernel wherever the product allows it (interpreted on CPU: for tests); "native":
+# the native CPU kernel wherever the product allows it.
+ProductPath = Literal['auto', 'fused', 'decode', 'kernel', 'native']
+PATHS: tuple[ProductPath, ...] = ('auto', 'fused', 'decode', 'kernel', 'native')
+# Up to this many rows "auto" computes a product in the native kernel rather than
+# decoding its weight for XLA's dot (benchmarks/kernels.py).
+NATIVE_MAX_ROWS = 16
+# Activation dtypes the native kernel takes (converted to float32 rows).
+NATIVE_DTYPES = frozenset(np.dtype(t) for t in ('float32', 'bfloat16', 'float16'))
 # Backends on which the Pallas kernel has been run and tested; "auto" uses it there.
 KERNEL_BACKENDS: frozenset[str] = frozenset()
 
@@ -63,7 +73,8 @@ class Product:
     activation_shape: shape of the other operand (the activation, or the indices
       of a lookup).
     weight_shape: shape of the weight operand as the product sees it.
-    path: how it is computed: ``"fused"`` (codes read inside the product),
+    path: how it is computed: ``"native"`` (codes read inside the product by the
+      native CPU kernel), ``"fused"`` (codes read inside the product in XLA),
       ``"kernel"`` (the Pallas kernel), ``"decode"`` (decoded, then the product) or
       ``"rows"`` (a lookup decoding only the rows it gathers).
   """
@@ -146,6 +157,47 @@ def _fused_product(
   return y
 
 
+def _rounding(weight: Weight) -> native_product.Rounding | None:
+  """The dtype the decoded weight is rounded to on its way to the product, if one.
+
+  None where it passes through both bfloat16 and float16 (the kernel rounds once).
+  """
+  narrow = {np.dtype(d) for d in (weight.q.dtype, *weight.dtypes)} & {
+    np.dtype(jnp.bfloat16),
+    np.dtype(jnp.float16),
+  }
+  if len(narrow) > 1:
+    return None
+  if not narrow:
+    return 'none'
+  return 'bfloat16' if narrow == {np.dtype(jnp.bfloat16)} else 'float16'
+
+
+def _native_fits(x: Any, weight: Weight) -> bool:
+  return np.dtype(x.dtype) in NATIVE_DTYPES and _rounding(weight) is not None
+
+
+def _native(view: _View, x: jax.Array, weight: Weight, out_dtype: Any) -> jax.Array:
+  q = weight.q
+  k, n = q.matrix_shape
+  lead = tuple(x.shape[i] for i in view.x_free)
+  x2 = jnp.transpose(x, (*view.x_free, *view.x_contract)).reshape(math.prod(lead), k)
+  rounding = _rounding(weight)
+  assert rounding is not None
+  y = native_product.packed_product(
+    x2.astype(jnp.float32),
+    q.codes,
+    q.scale,
+    q.column_scale,
+    q.table,
+    bits=q.bits,
+    k=k,
+    rounding=rounding,
+  )
+  y = y.reshape(*lead, n).astype(out_dtype)
+  return jnp.moveaxis(y, -1, 0) if view.weight_first else y
+
+
 # A decoded weight larger than this is decoded and multiplied in column blocks of
 # about this size, each tied to the last: XLA:CPU then reuses one block's buffer
 # instead of faulting in a large one on every call. The 768 x 50257 head of a
@@ -194,7 +246,19 @@ def _blocked_decode(
   return jnp.moveaxis(y, -1, 0) if view.weight_first else y
 
 
-def _choose(options: Options, view: _View | None, rows: int, weight: Weight) -> str:
+def _choose(
+  options: Options, view: _View | None, rows: int, weight: Weight, x: Any
+) -> str:
+  if options.path == 'native':
+    status = native_library.status()
+    if not status.loaded:
+      raise ValueError(f'products="native" cannot run: {status.reason}')
+    if jax.default_backend() != 'cpu':
+      raise ValueError(
+        f'products="native" runs on CPU only; the default backend is'
+        f' {jax.default_backend()!r}'
+      )
+    return 'native' if view is not None and _native_fits(x, weight) else 'decode'
   if view is None or options.path == 'decode':
     return 'decode'
   if options.path == 'kernel':
@@ -208,6 +272,13 @@ def _choose(options: Options, view: _View | None, rows: int, weight: Weight) -> 
     return 'fused'
   if jax.default_backend() in KERNEL_BACKENDS:
     return 'kernel'
+  if (
+    jax.default_backend() == 'cpu'
+    and rows <= NATIVE_MAX_ROWS
+    and _native_fits(x, weight)
+    and native_library.available()
+  ):
+    return 'native'
   k, n = weight.q.matrix_shape
   if small_product.prefers_packed_product(rows, bits=weight.q.bits, k=k, n=n):
     return 'fused'
@@ -230,7 +301,7 @@ def product(rewriter: Rewriter, eqn: core.JaxprEqn, invals: list[Any]) -> list[A
   )
   view = _stored_view(eqn, weight, w_index, x)
   rows = math.prod(x.shape[i] for i in view.x_free) if view is not None else 0
-  how = _choose(options, view, rows, weight)
+  how = _choose(options, view, rows, weight, x)
   rewriter.seen.append(
     Product(
       primitive=eqn.primitive.name,
@@ -240,6 +311,9 @@ def product(rewriter: Rewriter, eqn: core.JaxprEqn, invals: list[Any]) -> list[A
       path=how,
     )
   )
+  if how == 'native':
+    assert view is not None
+    return [_native(view, x, weight, _aval(eqn.outvars[0]).dtype)]
   if how in ('fused', 'kernel'):
     assert view is not None
     out_dtype = _aval(eqn.outvars[0]).dtype

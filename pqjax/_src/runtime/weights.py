@@ -37,6 +37,7 @@ class Weight:
     casts_only: whether every op only converts the dtype (the weight's values and
       layout are the QArray's), which the fused products need.
     dtype: the dtype after the ops.
+    dtypes: the dtype after each op, in order.
   """
 
   q: QArray
@@ -44,6 +45,7 @@ class Weight:
   ops: tuple[Op, ...] = ()
   casts_only: bool = True
   dtype: Any = None
+  dtypes: tuple[Any, ...] = ()
 
   @property
   def alpha(self) -> jax.Array:
@@ -52,7 +54,11 @@ class Weight:
   def then(self, op: Op, *, cast: bool, dtype: Any) -> Weight:
     """This weight with one more layout operation."""
     return dataclasses.replace(
-      self, ops=(*self.ops, op), casts_only=self.casts_only and cast, dtype=dtype
+      self,
+      ops=(*self.ops, op),
+      casts_only=self.casts_only and cast,
+      dtype=dtype,
+      dtypes=(*self.dtypes, dtype),
     )
 
   def decode(self, tie: jax.Array | None = None) -> jax.Array:

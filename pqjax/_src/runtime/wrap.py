@@ -69,17 +69,20 @@ def wrap(
     act_exponent: the activations' power exponent; ``None`` uses the exponent of the
       weight each activation meets (the paper's choice). ``1.0`` is uniform.
     products: how products of quantized weights are computed: ``"auto"`` (codes
-      read inside the product for few rows, decode then multiply otherwise),
-      ``"fused"`` (codes read inside the product wherever its form allows),
-      ``"decode"`` (always decode, then multiply) or ``"kernel"`` (the Pallas
-      kernel; interpreted on CPU, for tests). All give the same outputs up to the
-      order of float summation.
+      read inside the product for few rows, by the native kernel on CPU where it is
+      built, else in XLA; decode then multiply otherwise), ``"native"`` (the native
+      CPU kernel wherever the product's form allows it; an error where it is not
+      built or the backend is not a CPU), ``"fused"`` (codes read inside the
+      product in XLA wherever its form allows), ``"decode"`` (always decode, then
+      multiply) or ``"kernel"`` (the Pallas kernel; interpreted on CPU, for tests).
+      All give the same outputs up to the order of float summation.
 
   Returns:
     A function with ``apply_fn``'s signature.
 
   Raises:
-    ValueError: an activation option or ``products`` is invalid.
+    ValueError: an activation option or ``products`` is invalid (when called:
+      ``"native"`` where the native kernel cannot run).
   """
   options = _options(act_bits, act_granularity, act_exponent, products)
 
