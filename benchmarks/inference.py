@@ -7,9 +7,11 @@ cache, donated) and a 128-token prefill.
 
 Variants, side by side: fp32; bf16 (the parameters cast to bfloat16); pqjax at 4
 and 8 bits per channel through ``pqjax.wrap`` with the automatic choice of product
-and each forced one (``fused``: codes read inside the product; ``decode``: each
-weight decoded just before its product); the 4-bit model dequantized once, then run
-as a float model; qwix int4 (weights only, per channel) where it runs.
+(on CPU: the native kernels up to 16 rows, decode-then-dot above) and each forced
+one (``native``: the native CPU kernel; ``fused``: codes read inside an XLA
+product; ``decode``: each weight decoded just before its product); the 4-bit model
+dequantized once, then run as a float model; qwix int4 (weights only, per channel)
+where it runs.
 
 For each: the compiled program's ``memory_analysis()`` (arguments + temp), the peak
 RSS of a fresh process that loads the model's checkpoint from disk, compiles and
@@ -73,9 +75,11 @@ VARIANTS = (
   'fp32',
   'bf16',
   'pqjax 4-bit',
+  'pqjax 4-bit native',
   'pqjax 4-bit fused',
   'pqjax 4-bit decode',
   'pqjax 8-bit',
+  'pqjax 8-bit native',
   'pqjax 8-bit fused',
   'pqjax 8-bit decode',
   'dequantized once (4-bit)',
@@ -197,7 +201,7 @@ def variant(s: Scenario, name: str, paths: dict[str, Path], inputs: tuple[Any, .
   params_q = pqjax.load(paths[f'q{bits}'])
   if name.startswith('dequantized'):
     return jax.block_until_ready(pqjax.dequantize(params_q)), apply
-  path = name.split()[-1] if name.endswith(('fused', 'decode')) else 'auto'
+  path = name.split()[-1] if name.endswith(('native', 'fused', 'decode')) else 'auto'
   return params_q, pqjax.wrap(apply, products=path)
 
 

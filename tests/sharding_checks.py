@@ -172,12 +172,19 @@ def test_wrapped_apply_on_sharded_params_and_inputs():
   params_q, _ = pqjax.quantize(sharded, 4)
   for rows in (16, 1):  # the decode path, and the codes read inside the product
     xs = jax.device_put(x[:rows], NamedSharding(mesh, P('x' if rows > 1 else None, None)))
-    for act_bits in (None, 8):
-      fn = jax.jit(pqjax.wrap(apply, act_bits=act_bits))
+    for act_bits, products in ((None, 'auto'), (8, 'auto'), (None, 'native')):
+      if products == 'native' and not pqjax.native_status().loaded:
+        continue
+      wrapped = pqjax.wrap(apply, act_bits=act_bits, products=products)
+      fn = jax.jit(wrapped)
       want = np.asarray(fn(ref_q, x[:rows]))
       got = fn(params_q, xs)
       # The decoded weights are identical; the sharded product sums in another order.
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+      # Inside the mesh, the automatic choice keeps sharded codes on the XLA paths.
+      with jax.set_mesh(mesh):
+        paths = {u.path for u in pqjax.quantized_products(wrapped, params_q, xs)}
+      assert 'native' not in paths or products == 'native', paths
     ref_float = apply(pqjax.dequantize(ref_q), x[:rows])
     want = np.asarray(jax.jit(pqjax.wrap(apply))(ref_q, x[:rows]))
     np.testing.assert_allclose(want, np.asarray(ref_float), rtol=1e-5, atol=1e-5)

@@ -177,6 +177,20 @@ def _native_fits(x: Any, weight: Weight) -> bool:
   return np.dtype(x.dtype) in NATIVE_DTYPES and _rounding(weight) is not None
 
 
+def _on_a_mesh(weight: Weight) -> bool:
+  """Whether the weight may be sharded: inside a mesh, or sharded in its type.
+
+  XLA's partitioner runs the native kernel on whole operands, so it would gather a
+  sharded weight's codes; the XLA paths keep them where they are. Shardings that
+  only ``jit``'s inputs carry (no mesh in context) are not seen here.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if getattr(mesh, 'size', 1) > 1:
+    return True
+  spec = getattr(getattr(jax.typeof(weight.q.codes), 'sharding', None), 'spec', ())
+  return any(axis is not None for axis in spec)
+
+
 def _native(view: _View, x: jax.Array, weight: Weight, out_dtype: Any) -> jax.Array:
   q = weight.q
   k, n = q.matrix_shape
@@ -276,6 +290,7 @@ def _choose(
     jax.default_backend() == 'cpu'
     and rows <= NATIVE_MAX_ROWS
     and _native_fits(x, weight)
+    and not _on_a_mesh(weight)
     and native_library.available()
   ):
     return 'native'

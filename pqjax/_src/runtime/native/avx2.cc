@@ -75,7 +75,7 @@ inline void AddOut(const Tile& t, float* out, int col, __m256 sum) {
 }
 
 // Codes are prefetched this many bytes ahead along their byte row (see avx512.cc).
-constexpr int kAhead = 128;
+constexpr int kAhead = 256;
 
 struct Avx2 {
   static constexpr int kMaxRows = 2;

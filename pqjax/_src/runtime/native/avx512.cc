@@ -99,12 +99,17 @@ inline void TileScales(const Tile& t, int col, float* dst) {
 }
 
 // Codes are prefetched this many bytes ahead along their byte row. A segment reads
-// its byte rows side by side, more streams than the hardware prefetcher follows: on a
-// 4096 x 4096 4-bit weight (one row, one thread) 4.2 ms without, 0.65 ms 128 bytes
-// ahead, 0.74 ms at 256, 0.88 ms at 1024.
-constexpr int kAhead = 128;
+// its byte rows side by side, more streams than the hardware prefetcher follows. A
+// 4096 x 4096 4-bit weight, one row, one thread: 4.2 ms in cache without prefetches,
+// 0.65 ms with; out of cache (40 copies in turn) 0.90 ms at 128 bytes, 0.88 at 256,
+// 0.92 at 512 (into L2), 1.24 at 1024.
+constexpr int kAhead = 256;
 
 struct Avx512 {
+  // Rows of x a tile holds. 16 rows are bound by the multiply-adds, not decoding:
+  // decoding a tile once into L1 for all 16 rows, then multiplying 4 rows at a time,
+  // took the same time as decoding it again for each 4 rows (a 4096 x 4096 4-bit
+  // weight, 16 rows, one thread: 7.0 ms either way).
   static constexpr int kMaxRows = 4;
 
   static constexpr bool Strided(int bits) { return bits == 2 || bits == 4; }
@@ -126,14 +131,30 @@ struct Avx512 {
     }
   }
 
+  // Lane i of sums b is column 4i + b: add them to 4 x 16 columns of `out` in order.
+  template <int R>
+  static void AddStrided(const Tile& t, float* out, int col, const __m512* a) {
+    __m512 t0 = _mm512_unpacklo_ps(a[0], a[1]), t1 = _mm512_unpackhi_ps(a[0], a[1]);
+    __m512 t2 = _mm512_unpacklo_ps(a[2], a[3]), t3 = _mm512_unpackhi_ps(a[2], a[3]);
+    // u_i: 128-bit lane L holds columns 16L + 4i .. 16L + 4i + 3.
+    __m512 u0 = PairsLo(t0, t2), u1 = PairsHi(t0, t2);
+    __m512 u2 = PairsLo(t1, t3), u3 = PairsHi(t1, t3);
+    __m512 v0 = _mm512_shuffle_f32x4(u0, u1, 0x44), v1 = _mm512_shuffle_f32x4(u0, u1, 0xee);
+    __m512 v2 = _mm512_shuffle_f32x4(u2, u3, 0x44), v3 = _mm512_shuffle_f32x4(u2, u3, 0xee);
+    AddOut<R>(t, out, col, _mm512_shuffle_f32x4(v0, v2, 0x88));
+    AddOut<R>(t, out, col + 16, _mm512_shuffle_f32x4(v0, v2, 0xdd));
+    AddOut<R>(t, out, col + 32, _mm512_shuffle_f32x4(v1, v3, 0x88));
+    AddOut<R>(t, out, col + 48, _mm512_shuffle_f32x4(v1, v3, 0xdd));
+  }
+
   template <int BITS, int MR, int R>
   static void RunStrided(const Tile& t) {
     constexpr int G = Groups(MR);
     constexpr int C = CodesPerUnit(BITS);
     const __m512 table = _mm512_loadu_ps(t.table);
-    // Masked loads only at the last columns: a masked load across cache lines is
-    // slow (a 768 x 50257 weight, whose byte rows start anywhere in a line, took
-    // 10 ms with masked loads everywhere, TODO ms without).
+    // Masked loads only at the last columns: plain loads were 3-5% faster (4096 x
+    // 4096 and 768 x 50257, one row, one thread: 0.67 against 0.70 ms, 1.50 against
+    // 1.58 ms).
     const bool full = t.cols == 64 * G;
     __mmask64 load[G];
     __m512 sum[MR][G][4];
@@ -192,18 +213,7 @@ struct Avx512 {
       float* out = t.out + m * t.out_rows;
       PQJAX_UNROLL
       for (int g = 0; g < G; ++g) {
-        // Lane i of sum b is column 4i + b: transpose back to 4 x 16 columns.
-        __m512* a = sum[m][g];
-        __m512 t0 = _mm512_unpacklo_ps(a[0], a[1]), t1 = _mm512_unpackhi_ps(a[0], a[1]);
-        __m512 t2 = _mm512_unpacklo_ps(a[2], a[3]), t3 = _mm512_unpackhi_ps(a[2], a[3]);
-        // u0..u3: 128-bit lane L holds columns 16L + 4i .. 16L + 4i + 3 of u_i.
-        __m512 u0 = PairsLo(t0, t2), u1 = PairsHi(t0, t2), u2 = PairsLo(t1, t3), u3 = PairsHi(t1, t3);
-        __m512 v0 = _mm512_shuffle_f32x4(u0, u1, 0x44), v1 = _mm512_shuffle_f32x4(u0, u1, 0xee);
-        __m512 v2 = _mm512_shuffle_f32x4(u2, u3, 0x44), v3 = _mm512_shuffle_f32x4(u2, u3, 0xee);
-        AddOut<R>(t, out, 64 * g, _mm512_shuffle_f32x4(v0, v2, 0x88));
-        AddOut<R>(t, out, 64 * g + 16, _mm512_shuffle_f32x4(v0, v2, 0xdd));
-        AddOut<R>(t, out, 64 * g + 32, _mm512_shuffle_f32x4(v1, v3, 0x88));
-        AddOut<R>(t, out, 64 * g + 48, _mm512_shuffle_f32x4(v1, v3, 0xdd));
+        AddStrided<R>(t, out, 64 * g, sum[m][g]);
       }
     }
   }
@@ -223,7 +233,25 @@ struct Avx512 {
     }
   }
 
-  // Levels of codes whose low BITS bits are the index (higher bits are ignored).
+  // Levels of 32 * 2^depth entries from `table`: vpermi2ps on each 32, then a
+  // binary tree of blends on the index's bits 5 and up.
+  template <int DEPTH>
+  static __m512 Tree(__m512i index, const float* table) {
+    if constexpr (DEPTH == 0) {
+      return _mm512_permutex2var_ps(_mm512_loadu_ps(table), index, _mm512_loadu_ps(table + 16));
+    } else {
+      constexpr int half = 16 << DEPTH;
+      const __mmask16 high = _mm512_test_epi32_mask(index, _mm512_set1_epi32(half));
+      return _mm512_mask_blend_ps(high, Tree<DEPTH - 1>(index, table),
+                                  Tree<DEPTH - 1>(index, table + half));
+    }
+  }
+
+  // Levels of codes whose low BITS bits are the index (higher bits are ignored). At 7
+  // bits a tree of vpermi2ps and blends, at 8 bits a gather. A 4096 x 4096 weight,
+  // one row, one thread: 7 bits 3.0 ms with the tree, 4.0 ms with a gather (16 rows:
+  // 15.7 against 22.5 ms); 8 bits 9.1 ms with the tree (twice the instructions),
+  // 7.7 ms with a gather (16 rows: 88 against 68 ms).
   template <int BITS>
   static __m512 Level(__m512i index, const __m512* tables, const float* table) {
     if constexpr (BITS <= 4) {
@@ -235,7 +263,7 @@ struct Avx512 {
       __m512 b = _mm512_permutex2var_ps(tables[2], index, tables[3]);
       return _mm512_mask_blend_ps(_mm512_test_epi32_mask(index, _mm512_set1_epi32(32)), a, b);
     } else if constexpr (BITS == 7) {
-      return _mm512_i32gather_ps(_mm512_and_si512(index, _mm512_set1_epi32(127)), table, 4);
+      return Tree<2>(index, table);
     } else {
       return _mm512_i32gather_ps(index, table, 4);
     }

@@ -63,10 +63,13 @@ ProductFn ProductOf(int level) {
   return portable::Product;
 }
 
-// Below this many weights times row tiles a product runs on the calling thread: on
-// this 2-core machine a second thread lost up to a 768 x 3072 one-row product (0.10
-// against 0.13 ms) and won from 4096 x 4096 on.
-constexpr int64_t kThreadedWork = int64_t(1) << 22;
+// A product runs on the calling thread below this many weights times tiles of 4 rows
+// of x, and with one tile of rows below kThreadedRowWork weights. Measured on this
+// 2-core machine (XLA's pool, medians): one row of 768 x 3072 took 0.13 ms on two
+// threads against 0.10 on one; 16 rows of 1536 x 384 0.15 against 0.26, of 384 x
+// 384 0.17 against 0.12; one row of 4096 x 4096 0.76 against 1.13.
+constexpr int64_t kThreadedWork = int64_t(1) << 21;
+constexpr int64_t kThreadedRowWork = int64_t(1) << 22;
 
 // The work of one call, shared by the calling thread and the pool's tasks through a
 // counter of items. Tasks may start late (after the call has returned): they hold it
@@ -74,8 +77,9 @@ constexpr int64_t kThreadedWork = int64_t(1) << 22;
 struct Work {
   Spec spec;
   std::vector<Matrix> products;
-  int64_t columns_per_item = 0;
-  int64_t items_per_product = 0;
+  // Items: every product cut into blocks of rows times blocks of columns.
+  int64_t rows_per_item = 0, row_items = 1;
+  int64_t columns_per_item = 0, column_items = 1;
   int64_t items = 0;
   ProductFn fn = nullptr;
   std::atomic<int64_t> next{0};
@@ -86,10 +90,14 @@ struct Work {
     for (;;) {
       int64_t i = next.fetch_add(1, std::memory_order_relaxed);
       if (i >= items) return;
-      const Matrix& a = products[i / items_per_product];
-      int64_t c0 = (i % items_per_product) * columns_per_item;
-      int64_t c1 = std::min(spec.n, c0 + columns_per_item);
-      fn(spec, a, c0, c1, scales.data());
+      const int64_t per_product = row_items * column_items;
+      Matrix a = products[i / per_product];
+      const int64_t r0 = (i % per_product) / column_items * rows_per_item;
+      const int64_t c0 = (i % column_items) * columns_per_item;
+      a.x += r0 * spec.k;
+      a.out += r0 * spec.n;
+      a.m = std::min(a.m - r0, rows_per_item);
+      fn(spec, a, c0, std::min(spec.n, c0 + columns_per_item), scales.data());
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -232,18 +240,28 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes, ffi::AnyBuffer 
     return ffi::Error::Success();
   }
 
-  const int64_t row_tiles = (work->products[0].m + 3) / 4;
-  const int64_t effort = k * n * row_tiles * int64_t(work->products.size());
+  const int64_t m_rows = work->products[0].m;
+  const int64_t row_tiles = (m_rows + 3) / 4;
+  const int64_t count = int64_t(work->products.size());
+  const int64_t effort = k * n * row_tiles * count;
   const int64_t aligned = (n + kItemAlign - 1) / kItemAlign;
   int64_t helpers = threads > 0 ? threads - 1 : pool.num_threads();
-  if (threads <= 0 && effort < kThreadedWork) helpers = 0;
-  helpers = std::min<int64_t>(
-      {helpers, pool.num_threads(), aligned * int64_t(work->products.size()) - 1});
-  // Two items a thread, each a run of whole aligned blocks of columns.
-  const int64_t parts = std::min<int64_t>(aligned, 2 * (helpers + 1));
-  work->columns_per_item = (aligned + parts - 1) / parts * kItemAlign;
-  work->items_per_product = (n + work->columns_per_item - 1) / work->columns_per_item;
-  work->items = work->items_per_product * int64_t(work->products.size());
+  if (threads <= 0 &&
+      (effort < kThreadedWork || (row_tiles < 2 && effort < kThreadedRowWork))) {
+    helpers = 0;
+  }
+  helpers = std::min<int64_t>({helpers, pool.num_threads(), count * aligned * row_tiles - 1});
+  const int64_t parts = helpers + 1;
+  // Threads share rows where there are several tiles of them (each thread reads the
+  // codes of every column, but they stay in the shared cache), else columns: two
+  // items a thread, each a run of whole aligned blocks. Neither changes any sum.
+  work->row_items = row_tiles >= 2 * parts ? parts : 1;
+  work->rows_per_item = (row_tiles + work->row_items - 1) / work->row_items * 4;
+  work->row_items = (m_rows + work->rows_per_item - 1) / work->rows_per_item;
+  const int64_t column_parts = work->row_items > 1 ? 1 : std::min<int64_t>(aligned, 2 * parts);
+  work->columns_per_item = (aligned + column_parts - 1) / column_parts * kItemAlign;
+  work->column_items = (n + work->columns_per_item - 1) / work->columns_per_item;
+  work->items = count * work->row_items * work->column_items;
   for (int64_t i = 0; i < helpers; ++i) {
     pool.Schedule([work] { work->RunItems(); });
   }
