@@ -332,14 +332,23 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
   )
 
 
-def test_environment_forces_a_level_or_disables_the_library():
-  code = 'import pqjax; s = pqjax.native_status(); print(s.loaded, s.level)'
+def test_environment_forces_a_level(monkeypatch):
   for level in LEVELS:
-    assert _python(code, PQJAX_NATIVE_LEVEL=level).stdout.split() == ['True', level]
-  out = _python(code, PQJAX_NATIVE_LEVEL='sse9')
-  assert out.stdout.split() == ['False', 'None']
-  assert 'PQJAX_NATIVE_LEVEL' in out.stderr and 'RuntimeWarning' in out.stderr
-  out = _python(code, PQJAX_NATIVE='0')
+    monkeypatch.setenv(library.LEVEL_VARIABLE, level)
+    assert library.choose_level(LEVELS) == (level, '')
+  monkeypatch.setenv(library.LEVEL_VARIABLE, 'sse9')
+  assert library.choose_level(LEVELS)[1].startswith("PQJAX_NATIVE_LEVEL='sse9' is not")
+  monkeypatch.setenv(library.LEVEL_VARIABLE, 'avx512')
+  assert 'this CPU runs only' in library.choose_level(('portable', 'avx2'))[1]
+  monkeypatch.delenv(library.LEVEL_VARIABLE)
+  assert library.choose_level(LEVELS) == (LEVELS[-1], '')
+
+
+def test_environment_in_a_new_process():
+  code = 'import pqjax; s = pqjax.native_status(); print(s.loaded, s.level)'
+  out = _python(code, PQJAX_NATIVE_LEVEL=LEVELS[0])
+  assert out.stdout.split() == ['True', LEVELS[0]]
+  out = _python(code, PQJAX_NATIVE='0', PQJAX_NATIVE_LEVEL='sse9')
   assert out.stdout.split() == ['False', 'None'] and 'Warning' not in out.stderr
 
 

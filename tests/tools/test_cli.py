@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 import pqjax
 from pqjax._src.io import safetensors
 from pqjax.tools import minilm
-from pqjax.tools.cli import main
+from pqjax.tools.cli import main, native_line
 
 
 @pytest.fixture(scope='module')
@@ -115,8 +115,9 @@ def test_quantize_then_info(inputs, params, capsys, source, out):
   assert printed_numbers(printed) == summary_numbers(s)
   assert main(['info', str(inputs / out)]) == 0
   info = capsys.readouterr().out
+  assert info == f'{s}\n{native_line()}\n'
+  info = info.removesuffix(f'{native_line()}\n')
   assert printed_numbers(info) == summary_numbers(s)
-  assert info.strip() == str(s)
 
 
 def test_format_flag_and_defaults(inputs, capsys):
@@ -209,7 +210,7 @@ def test_layer_axes_flag(tmp_path, capsys):
       np.testing.assert_array_equal(np.asarray(getattr(got, f)), getattr(ref, f))
   assert loaded['layers']['kernel'].layer_axes == 1
   assert main(['info', str(out)]) == 0
-  info = capsys.readouterr().out
+  info = capsys.readouterr().out.removesuffix(f'{native_line()}\n')
   assert info.strip() == str(pqjax.summary(loaded))
   assert info.splitlines()[0].split()[2] == 'layers'
   (row,) = [x.split() for x in info.splitlines() if x.startswith('layers/kernel ')]
@@ -321,3 +322,20 @@ def test_quantize_minilm_safetensors(tmp_path, capsys):
     )
   )
   assert np.sum((w - w_hat) ** 2) / np.sum(w**2) < 0.03
+
+
+def test_info_says_how_products_run(capsys, monkeypatch):
+  assert main(['info']) == 0
+  line = capsys.readouterr().out.strip()
+  status = pqjax.native_status()
+  if status.loaded:
+    assert line.startswith(f'products: native CPU kernels, {status.level}')
+  else:
+    assert line == f'products: XLA paths ({status.reason})'
+  out = subprocess.run(
+    [sys.executable, '-m', 'pqjax', 'info'],
+    env={**os.environ, 'PQJAX_NATIVE': '0'},
+    capture_output=True,
+    text=True,
+  )
+  assert out.stdout.strip() == 'products: XLA paths (disabled by PQJAX_NATIVE=0)'

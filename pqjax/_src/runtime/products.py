@@ -41,8 +41,11 @@ PRODUCTS = frozenset({'dot_general', 'conv_general_dilated'})
 ProductPath = Literal['auto', 'fused', 'decode', 'kernel', 'native']
 PATHS: tuple[ProductPath, ...] = ('auto', 'fused', 'decode', 'kernel', 'native')
 # Up to this many rows "auto" computes a product in the native kernel rather than
-# decoding its weight for XLA's dot (benchmarks/kernels.py).
+# decoding its weight for XLA's dot (benchmarks/kernels.py), and up to
+# NATIVE_MAX_ROWS_8_BITS at 8 bits, whose 256 levels take a gather: 16 rows of MiniLM
+# at 8 bits took 2.47x fp32's time natively (benchmarks/results/inference.md).
 NATIVE_MAX_ROWS = 16
+NATIVE_MAX_ROWS_8_BITS = 4
 # Activation dtypes the native kernel takes (converted to float32 rows).
 NATIVE_DTYPES = frozenset(np.dtype(t) for t in ('float32', 'bfloat16', 'float16'))
 # Backends on which the Pallas kernel has been run and tested; "auto" uses it there.
@@ -288,7 +291,7 @@ def _choose(
     return 'kernel'
   if (
     jax.default_backend() == 'cpu'
-    and rows <= NATIVE_MAX_ROWS
+    and rows <= (NATIVE_MAX_ROWS_8_BITS if weight.q.bits == 8 else NATIVE_MAX_ROWS)
     and _native_fits(x, weight)
     and not _on_a_mesh(weight)
     and native_library.available()

@@ -64,6 +64,20 @@ def _find() -> str | None:
   return spec.origin if spec is not None else None
 
 
+def choose_level(levels: tuple[Level, ...]) -> tuple[Level | None, str]:
+  """The level to run among ``levels`` (best last): the best, or the one the
+  environment names; None and the reason where it names one that cannot run."""
+  forced = os.environ.get(LEVEL_VARIABLE)
+  if not forced:
+    return levels[-1], ''
+  for level in levels:
+    if forced == level:
+      return level, ''
+  if forced not in LEVELS:
+    return None, f'{LEVEL_VARIABLE}={forced!r} is not one of {LEVELS}'
+  return None, f'{LEVEL_VARIABLE}={forced}: this CPU runs only {levels}'
+
+
 def _load() -> NativeStatus:
   if os.environ.get(ENABLE_VARIABLE, '1') == '0':
     return NativeStatus(False, f'disabled by {ENABLE_VARIABLE}=0')
@@ -92,23 +106,16 @@ def _load() -> NativeStatus:
       path=path,
     )
   levels = tuple(name for i, name in enumerate(LEVELS) if mask & (1 << i))
-  forced = os.environ.get(LEVEL_VARIABLE)
-  if forced:
-    if forced not in LEVELS:
-      return NativeStatus(
-        False, f'{LEVEL_VARIABLE}={forced!r} is not one of {LEVELS}', path=path
-      )
-    if forced not in levels:
-      return NativeStatus(
-        False, f'{LEVEL_VARIABLE}={forced}: this CPU runs only {levels}', path=path
-      )
+  level, reason = choose_level(levels)
+  if level is None:
+    return NativeStatus(False, reason, path=path)
   try:
     jax.ffi.register_ffi_target(
       TARGET, jax.ffi.pycapsule(lib.pqjax_matmul), platform='cpu'
     )
   except Exception as e:  # XLA refuses the handler: keep the XLA paths
     return NativeStatus(False, f'XLA did not register the native handler: {e}', path=path)
-  return NativeStatus(True, levels=levels, level=forced or levels[-1], path=path)
+  return NativeStatus(True, levels=levels, level=level, path=path)
 
 
 @functools.cache
