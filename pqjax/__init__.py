@@ -20,6 +20,7 @@ from pqjax._src.runtime.products import Product as Product
 from pqjax._src.runtime.wrap import quantized_products as quantized_products
 from pqjax._src.runtime.wrap import wrap as wrap
 from pqjax._src.search.config import SearchConfig as SearchConfig
+from pqjax._src.streaming import quantize_checkpoint as quantize_checkpoint
 from pqjax._src.summary import LeafSummary as LeafSummary
 from pqjax._src.summary import Summary as Summary
 from pqjax._src.summary import nbytes as nbytes
@@ -46,6 +47,7 @@ __all__ = (
   'nbytes',
   'path_str',
   'quantize',
+  'quantize_checkpoint',
   'quantized_leaves',
   'quantized_products',
   'relative_error',

@@ -706,6 +706,45 @@ def flushed(
 # --- 6. assemble --------------------------------------------------------------------
 
 
+def leaf_qarray(
+  leaf: Leaf,
+  bits: int,
+  arrays: tuple[Any, Any, Any, Any],
+  kind: int,
+  alpha: np.ndarray,
+  options: QuantizeOptions,
+  where: Any = None,
+) -> QArray:
+  """The :class:`QArray` of one encoded leaf.
+
+  ``arrays``: its codes, float32 scale values, uint8 steps and column scales (the
+  last two kept only for uint8 storage); ``kind`` its scale storage; ``alpha`` its
+  exponents in the shape of its layer axes; ``where`` a sharding for the exponents
+  and tables of a sharded leaf.
+  """
+  codes, scale, steps, columns = arrays
+  levels = grid.num_levels(bits, options.grid)
+  column = None
+  if kind == FLOAT16:
+    scale = scale.astype(jnp.float16)
+  elif kind == UINT8:
+    scale, column = steps, columns
+  table = np.zeros((leaf.layer_count, levels), np.float32)
+  for i, a in enumerate(np.asarray(alpha).reshape(-1)):
+    table[i] = grid.decode_table(float(a), bits, options.grid)
+  return QArray(
+    codes=codes,
+    scale=scale,
+    column_scale=column,
+    alpha=sharding.place(jnp.asarray(alpha), where),
+    table=sharding.place(jnp.asarray(table.reshape(*leaf.layers, levels)), where),
+    bits=bits,
+    shape=tuple(leaf.value.shape),
+    dtype=np.dtype(leaf.value.dtype),
+    layer_axes=leaf.layer_axes,
+  )
+
+
 def assemble(
   flat: Sequence[tuple[Any, Any]],
   treedef: Any,
@@ -722,32 +761,18 @@ def assemble(
   alpha_out: list[float | np.ndarray | None] = [None] * len(flat)
   offset = 0
   for g, e in zip(groups, encoded):
-    levels = grid.num_levels(g.bits, options.grid)
-    where = None if g.layout is None else placement
     first = 0  # the leaf's first layer in the group
     for j, leaf in enumerate(g.leaves):
       alpha = host_alphas[offset : offset + leaf.layer_count].reshape(leaf.layers)
       kind = e.storage[first] if leaf.layer_count else FLOAT32
-      scale, column = e.arrays.scales[j], None
-      if kind == FLOAT16:
-        scale = scale.astype(jnp.float16)
-      elif kind == UINT8:
-        scale, column = e.arrays.steps[j], e.arrays.columns[j]
-      table = np.zeros((leaf.layer_count, levels), np.float32)
-      for i, a in enumerate(alpha.reshape(-1)):
-        table[i] = grid.decode_table(float(a), g.bits, options.grid)
-      table = table.reshape(*leaf.layers, levels)
-      out[leaf.position] = QArray(
-        codes=e.arrays.codes[j],
-        scale=scale,
-        column_scale=column,
-        alpha=sharding.place(jnp.asarray(alpha), where),
-        table=sharding.place(jnp.asarray(table), where),
-        bits=g.bits,
-        shape=tuple(leaf.value.shape),
-        dtype=np.dtype(leaf.value.dtype),
-        layer_axes=leaf.layer_axes,
+      arrays = (
+        e.arrays.codes[j],
+        e.arrays.scales[j],
+        e.arrays.steps[j],
+        e.arrays.columns[j],
       )
+      where = None if g.layout is None else placement
+      out[leaf.position] = leaf_qarray(leaf, g.bits, arrays, kind, alpha, options, where)
       alpha_out[leaf.position] = alpha if leaf.layer_axes else float(alpha)
       offset += leaf.layer_count
       first += leaf.layer_count

@@ -18,7 +18,7 @@ import numpy as np
 
 from pqjax._src.core.leaves import is_array, path_str
 from pqjax._src.core.qarray import contains_qarray
-from pqjax._src.io import msgpack, orbax, safetensors
+from pqjax._src.io import msgpack, orbax, safetensors, shards
 from pqjax._src.io.treespec import CheckpointError, PathLike
 
 Capability = Literal['save', 'load', 'read_float']
@@ -178,6 +178,16 @@ register(
     load=safetensors.load,
     read_float=safetensors.read_float,
     description='a .safetensors file',
+  )
+)
+register(
+  Format(
+    name='shards',
+    claims=shards.claims,
+    save=shards.save,
+    load=shards.load,
+    read_float=shards.read_float,
+    description='a folder of safetensors shards with model.safetensors.index.json',
   )
 )
 register(

@@ -164,9 +164,14 @@ def read(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 def load(path: PathLike) -> Any:
-  """Loads a tree saved by :func:`save`, bit for bit."""
+  """Loads a tree saved by :func:`save`, bit for bit, through a memory map: each
+  tensor is copied onto the device and its pages handed back."""
+  from pqjax._src.io import shards, sources
+
   path = Path(path)
-  return from_tensors(path, *read(path))
+  stored, meta = sources.header(path)
+  with sources.Source(sources.flat_tensors(stored, sep=None), str(path)) as source:
+    return shards.from_maps(source, meta, path)
 
 
 def from_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> Any:

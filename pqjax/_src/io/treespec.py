@@ -298,15 +298,20 @@ def checksum(meta: dict[str, str], tensors: dict[str, np.ndarray]) -> str:
   return h.hexdigest()
 
 
-def metadata(tree_json: str, tensors: dict[str, np.ndarray]) -> dict[str, str]:
+def metadata_fields(tree_json: str) -> dict[str, str]:
+  """The pqjax metadata of a tree, less its checksum."""
   from pqjax import __version__
 
-  meta = {
+  return {
     'format': FORMAT,
     'format_version': str(FORMAT_VERSION),
     'pqjax_version': __version__,
     'tree': tree_json,
   }
+
+
+def metadata(tree_json: str, tensors: dict[str, np.ndarray]) -> dict[str, str]:
+  meta = metadata_fields(tree_json)
   return {**meta, 'sha256': checksum(meta, tensors)}
 
 

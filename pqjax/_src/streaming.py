@@ -1,0 +1,564 @@
+"""``quantize_checkpoint``: :func:`quantize`'s stages over tensors streamed from files.
+
+select -> group -> statistics -> search -> encode and write, as in memory, but each
+leaf is read from the checkpoint when a pass needs it and let go after: the
+statistics pass reads every selected leaf once, the search runs on all layers'
+statistics (small), and the encoding pass reads each leaf again and writes its
+arrays at their place in the output, which is laid out before (see
+:mod:`pqjax._src.io.writer`). A leaf of up to ``working_set`` bytes as float32 is
+read whole and goes through the very programs :func:`quantize` runs, one leaf at a
+time; a larger one is read one tile column at a time (all its rows, ``N / t``
+columns, ``t`` the tiles along N of :mod:`pqjax._src.search.tiles`), whose block
+maxima, per-tile statistics (summed in tile order) and codes are those of the
+whole leaf, bit for bit. So the result is what :func:`quantize` gives on the same
+tree, and memory holds about one leaf of ``working_set`` or one tile column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pqjax._src import encoding, quantize
+from pqjax._src.core import operator, packing
+from pqjax._src.core.blocks import block_absmax, block_view
+from pqjax._src.core.grid import num_levels
+from pqjax._src.core.qarray import QArray
+from pqjax._src.io import atomic, orbax, sources, treespec
+from pqjax._src.io.writer import Writer
+from pqjax._src.options import QuantizeOptions
+from pqjax._src.search import stats, tiles
+from pqjax._src.summary import Summary, summary
+
+WORKING_SET = 256 << 20
+SHARD_BYTES = 2 << 30
+
+
+def _key_path(path: str) -> tuple[Any, ...]:
+  return tuple(jax.tree_util.DictKey(p) for p in path.split('/'))
+
+
+# --- reading a leaf ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Reader:
+  """A leaf's values, whole or one tile column at a time, as float32 on the device."""
+
+  source: sources.Source
+  working_set: int
+
+  def whole(self, tensor: sources.Tensor) -> jax.Array:
+    return jnp.asarray(self.source.read(tensor))
+
+  def fits(self, tensor: sources.Tensor) -> bool:
+    return 4 * tensor.size <= self.working_set
+
+  def columns(self, tensor: sources.Tensor, layer: int, k: int, cols: slice) -> jax.Array:
+    """Rows of one layer, columns ``cols``: ``(k, c)`` float32."""
+    rows = slice(layer * k, (layer + 1) * k)
+    return jnp.asarray(self.source.read(tensor, rows, cols)).astype(jnp.float32)
+
+
+def _tile_columns(k: int, n: int, nk: int) -> tuple[int, int, int, int]:
+  """``(tk, tn, kt, nt)``: tiles of a layer's padded ``(nk * rows, N)`` view."""
+  rows = -(-k // nk)
+  tk, tn = tiles.counts(nk * rows, n)
+  return tk, tn, nk * rows // tk, n // tn
+
+
+# --- 3. statistics, leaf by leaf ----------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=('nk', 'ncol'))
+def _column_absmax(w: jax.Array, *, nk: int, ncol: int) -> jax.Array:
+  return block_absmax(block_view(w, nk), ncol)
+
+
+def _max_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Elementwise max of non-negative floats by their bits, as block_absmax takes it."""
+  return np.maximum(a.view(np.int32), b.view(np.int32)).view(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=('tk', 'nk', 'bins'))
+def _column_stats(
+  w: jax.Array, absmax: jax.Array, weight: jax.Array, *, tk: int, nk: int, bins: int
+) -> jax.Array:
+  """Stats ``(tk, 2, bins, 2)`` of the tiles of one tile column, as ``tile_stats``.
+
+  ``w`` ``(k, nt)``; ``absmax`` ``(nk, 1, c)`` and ``weight`` ``(1, nk, 1, c)`` its
+  columns' block scales and normalised weights (``c`` is ``nt``, or 1 for one scale).
+  """
+  x = operator.divide(block_view(w, nk), absmax)
+  rows = x.shape[1]
+  x = x.reshape(nk * rows, w.shape[1])
+  kt = nk * rows // tk
+  per_row = jnp.broadcast_to(weight, (1, nk, rows, weight.shape[3])).reshape(
+    1, nk * rows, weight.shape[3]
+  )
+  out = []
+  for i in range(tk):
+    xt = x[i * kt : (i + 1) * kt][None, None]
+    st = weight if nk == 1 else per_row[:, i * kt : (i + 1) * kt][:, None]
+    out.append(stats._stats(xt, st, bins)[0])
+  return jnp.stack(out)
+
+
+def _leaf_stats(
+  reader: _Reader, leaf: quantize.Leaf, blocks: Any, bins: int
+) -> quantize.GroupStats:
+  """A leaf's finiteness, block absmax and binned statistics, layer by layer."""
+  k, n, nk, ncol = blocks.k, blocks.n, blocks.nk, blocks.ncol
+  if reader.fits(leaf.value):
+    return quantize.GroupStats(
+      *stats.group_stats(
+        (reader.whole(leaf.value),), k=k, n=n, nk=nk, ncol=ncol, bins=bins
+      )
+    )
+  tk, tn, _, nt = _tile_columns(k, n, nk)
+  finite, absmaxes, binned = [], [], []
+  for layer in range(leaf.layer_count):
+    cols = [slice(j * nt, (j + 1) * nt) for j in range(tn)]
+    parts = [
+      np.asarray(
+        _column_absmax(reader.columns(leaf.value, layer, k, c), nk=nk, ncol=ncol)
+      )
+      for c in cols
+    ]
+    if ncol == 1:
+      absmax = functools.reduce(_max_bits, parts)
+    else:
+      absmax = np.concatenate(parts, axis=2)
+    absmax = absmax[None]
+    weight = np.asarray(stats.normalise(absmax, stats.layer_exponent(absmax)))
+    per_tile: list[list[Any]] = [[None] * tn for _ in range(tk)]
+    for j, c in enumerate(cols):
+      w = reader.columns(leaf.value, layer, k, c)
+      a = absmax[0] if ncol == 1 else absmax[0][..., c]
+      wt = weight if ncol == 1 else weight[..., c]
+      s = _column_stats(w, jnp.asarray(a), jnp.asarray(wt), tk=tk, nk=nk, bins=bins)
+      for i in range(tk):
+        per_tile[i][j] = s[i]
+    # Summed in tile order (row-major), as tiles.fold does.
+    order = [t for row in per_tile for t in row]
+    total = order[0]
+    for t in order[1:]:
+      total = total + t
+    finite.append(bool(np.all(np.isfinite(absmax))))
+    absmaxes.append(absmax)
+    binned.append(total[None])
+  return quantize.GroupStats(
+    jnp.asarray(finite), jnp.asarray(np.concatenate(absmaxes)), jnp.concatenate(binned)
+  )
+
+
+def statistics(
+  groups: Sequence[quantize.Group],
+  reader: _Reader,
+  bins: int,
+  advance: Callable[[int], None],
+) -> list[quantize.GroupStats]:
+  """:func:`quantize.statistics`, one leaf at a time; ValueError on NaN or Inf."""
+  out = []
+  for g in groups:
+    parts = []
+    for leaf in g.leaves:
+      parts.append(_leaf_stats(reader, leaf, g.blocks, bins))
+      advance(leaf.value.nbytes)
+    out.append(
+      quantize.GroupStats(
+        *(
+          jnp.concatenate([getattr(p, f) for p in parts])
+          for f in quantize.GroupStats._fields
+        )
+      )
+    )
+  for g, s in zip(groups, out):
+    bad = np.flatnonzero(~np.asarray(s.finite))
+    if bad.size:
+      leaf, index = g.owner(int(bad[0]))
+      where = f' (layer {index if len(index) > 1 else index[0]})' if index else ''
+      raise ValueError(
+        f'{leaf.path}: leaf of shape {tuple(leaf.value.shape)} holds NaN or Inf{where}'
+      )
+  return out
+
+
+# --- 5. encoding, leaf by leaf ------------------------------------------------------
+
+
+def _leaf_arrays(
+  reader: _Reader,
+  leaf: quantize.Leaf,
+  g: quantize.Group,
+  absmax: jax.Array,
+  alpha: jax.Array,
+  clip: jax.Array,
+  kinds: np.ndarray,
+  options: QuantizeOptions,
+) -> tuple[Any, Any, Any, Any]:
+  """A leaf's codes, scale values, uint8 steps and column scales (host arrays)."""
+  b = g.blocks
+  kwargs = dict(
+    nk=b.nk,
+    bits=g.bits,
+    grid=options.grid,
+    block_clip=options.clip_mode == 'block',
+    config=options.search_config,
+  )
+  # A block clip over all columns (one scale a layer) needs the whole layer.
+  if reader.fits(leaf.value) or (b.ncol == 1 and options.clip_mode == 'block'):
+    e = encoding.encode_layers(
+      (reader.whole(leaf.value),),
+      alpha,
+      clip,
+      absmax,
+      jnp.asarray(kinds),
+      k=b.k,
+      n=b.n,
+      layers=(leaf.layers,),
+      **kwargs,
+    )
+    return tuple(np.asarray(x[0]) for x in e)  # type: ignore[return-value]
+  _, tn, _, nt = _tile_columns(b.k, b.n, b.nk)
+  layers = []
+  for layer in range(leaf.layer_count):
+    parts = []
+    for j in range(tn):
+      cols = slice(j * nt, (j + 1) * nt)
+      w = reader.columns(leaf.value, layer, b.k, cols)
+      a = absmax[layer] if b.ncol == 1 else absmax[layer][..., cols]
+      parts.append(
+        _encode_columns(
+          w, alpha[layer], clip[layer], a, jnp.asarray(kinds[layer]), **kwargs
+        )
+      )
+    # Codes always, scales too unless one scale serves every column.
+    joined = [
+      np.concatenate([np.asarray(p[f]) for p in parts], axis=-1) for f in range(4)
+    ]
+    if b.ncol == 1:
+      joined[1:] = [np.asarray(x) for x in parts[0][1:]]
+    layers.append(joined)
+  shape = leaf.layers
+  return tuple(
+    np.stack([x[f] for x in layers]).reshape(*shape, *layers[0][f].shape)
+    for f in range(4)
+  )  # type: ignore[return-value]
+
+
+@functools.partial(
+  jax.jit, static_argnames=('nk', 'bits', 'grid', 'block_clip', 'config')
+)
+def _encode_columns(w, alpha, clip, absmax, storage, **kwargs):
+  """:func:`encoding.encode_block` on some columns of a layer (all its rows)."""
+  return encoding.encode_block(w, alpha, clip, absmax, storage, **kwargs)
+
+
+def _lost_blocks(absmax: np.ndarray, scale: np.ndarray) -> int:
+  return int(np.sum((absmax.reshape(-1) > 0) & (scale.reshape(-1) == 0)))
+
+
+# --- the output's layout ------------------------------------------------------------
+
+
+def _nest(paths: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
+  root: dict[str, Any] = {}
+  for path, value in zip(paths, values):
+    *parents, last = path.split('/')
+    node = root
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = value
+  return root
+
+
+def _names(spec: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  """Each leaf's stored tensor names by its path: a name, or ``{field: name}``."""
+  kind = spec.get('type')
+  if kind == 'array':
+    return {prefix: spec['name']}
+  if kind == 'qarray':
+    return {prefix: {f: ref['name'] for f, ref in spec['fields'].items()}}
+  out: dict[str, Any] = {}
+  if kind in ('dict', 'frozendict'):
+    for key, value in zip(spec['keys'], spec['values']):
+      out.update(_names(value, f'{prefix}/{key}' if prefix else str(key)))
+  elif kind in ('list', 'tuple'):
+    for i, value in enumerate(spec['values']):
+      out.update(_names(value, f'{prefix}/{i}' if prefix else str(i)))
+  return out
+
+
+def _placeholder(
+  leaf: quantize.Leaf, bits: int, kind: int, alpha: np.ndarray, blocks: Any, grid: str
+) -> QArray:
+  """The leaf's QArray with shapes for arrays (its exponents for real)."""
+  sds = jax.ShapeDtypeStruct
+  layers = leaf.layers
+  k, n = blocks.k, blocks.n
+  scale_dtype = quantize.qarray.SCALE_DTYPES[kind]
+  return QArray(
+    codes=sds((*layers, packing.packed_rows(k, bits), n), packing.packed_dtype(bits)),
+    scale=sds((*layers, blocks.nk, blocks.ncol), scale_dtype),
+    column_scale=sds((*layers, 1, blocks.ncol), np.float32)
+    if kind == quantize.UINT8
+    else None,
+    alpha=np.asarray(alpha, np.float32).reshape(layers),
+    table=sds((*layers, num_levels(bits, grid)), np.float32),
+    bits=bits,
+    shape=tuple(leaf.value.shape),
+    dtype=np.dtype(leaf.value.dtype),
+    layer_axes=leaf.layer_axes,
+  )
+
+
+# --- the public function ------------------------------------------------------------
+
+
+def quantize_checkpoint(
+  src: str | os.PathLike,
+  dst: str | os.PathLike,
+  bits: int | tuple[int, int] | None = None,
+  *,
+  layout: str = 'auto',
+  shard_bytes: int = SHARD_BYTES,
+  working_set: int = WORKING_SET,
+  overwrite: bool = False,
+  **options: Any,
+) -> Summary:
+  """Quantizes a checkpoint on disk into a new one, never holding the model in memory.
+
+  Args:
+    src: a safetensors file, a folder of safetensors shards (with or without
+      ``model.safetensors.index.json``), or a Hugging Face model folder.
+    dst: ``*.safetensors`` writes one file; anything else a folder of shards with
+      an index, loadable by :func:`pqjax.load`. It appears only once complete.
+    bits: as :func:`pqjax.quantize`.
+    layout: ``"auto"``: a folder with ``config.json`` becomes the parameter tree of
+      its transformers Flax class (names, kernels transposed from PyTorch's
+      weights), so one scale serves each output feature; ``"none"``: names and
+      layouts as stored.
+    shard_bytes: the most bytes an output shard holds.
+    working_set: leaves up to this many bytes as float32 are read whole; larger
+      ones one tile column at a time.
+    overwrite: replace ``dst`` if it is a file or a pqjax checkpoint.
+    **options: every option of :func:`pqjax.quantize`.
+
+  Returns:
+    The :class:`Summary` of the quantized checkpoint.
+
+  Raises:
+    CheckpointError: the source is missing, truncated or corrupt (naming the file
+      and tensor), or cannot be converted to its Flax layout.
+    ValueError, TypeError: as :func:`pqjax.quantize`.
+  """
+  opts = QuantizeOptions(bits=bits, **options)
+  dst = Path(dst)
+  with sources.open_source(src, layout) as source:
+    flat = [(_key_path(t.path), t) for t in source]
+    groups = quantize.group(quantize.select(flat, opts), opts)
+    reader = _Reader(source, working_set)
+    selected = {leaf.path for g in groups for leaf in g.leaves}
+    total = sum(t.nbytes for t in source) + sum(
+      leaf.value.nbytes for g in groups for leaf in g.leaves
+    )
+    bar = _bar(total, opts.progress)
+    del total
+    with jax.enable_x64(False):
+      group_stats = statistics(groups, reader, opts.search_config.bins, bar)
+      storage = start = None
+      if opts.bits_per_weight is not None:
+        groups, group_stats, storage, *points = quantize.choose_widths(
+          groups, group_stats, opts
+        )
+        start = (points[0], points[1])
+      alphas, clips = quantize.search(
+        _with_small_values(groups, reader, opts), group_stats, opts, start
+      )
+      plan = _plan(groups, group_stats, alphas, clips, storage, opts)
+    tree = _nest(
+      [t.path for t in source],
+      [
+        plan[t.path].placeholder
+        if t.path in selected
+        else jax.ShapeDtypeStruct(t.shape, t.dtype)
+        for t in source
+      ],
+    )
+    spec, placeholders = treespec.flatten(tree)
+    meta = treespec.metadata_fields(json.dumps(spec, separators=(',', ':')))
+    names = _names(spec)
+    lost: list[str] = []
+
+    def write(tmp: Path) -> None:
+      writer = Writer(
+        tmp, {n: (x.shape, x.dtype) for n, x in placeholders.items()}, meta, shard_bytes
+      )
+      try:
+        with jax.enable_x64(False):
+          for t in source:
+            if t.path in selected:
+              _write_leaf(writer, reader, t.path, plan[t.path], names[t.path], lost)
+            elif names.get(t.path) is not None:
+              _copy(writer, source, t, names[t.path])
+            bar(t.nbytes)
+        writer.finish()
+      except BaseException:
+        writer.abort()
+        raise
+
+    atomic.atomic_write(dst, write, overwrite, _is_checkpoint)
+  if lost:
+    warnings.warn(
+      "pqjax.quantize_checkpoint: blocks of weights all below float32's smallest"
+      ' normal number (1.2e-38), which XLA treats as zero, decode to zeros: '
+      + ', '.join(lost),
+      stacklevel=2,
+    )
+  return summary(tree)
+
+
+def _is_checkpoint(path: Path) -> bool:
+  return (path / sources.INDEX).exists() or orbax.is_checkpoint(path)
+
+
+def _bar(total: int, progress: bool | None) -> Callable[[int], None]:
+  """A progress bar in bytes (tqdm on stderr), as an ``advance(nbytes)`` function."""
+  if progress is None:
+    import sys
+
+    progress = total >= (1 << 30) and sys.stderr.isatty()
+  if not progress:
+    return lambda nbytes: None
+  from tqdm.auto import tqdm
+
+  bar = tqdm(total=total, desc='pqjax.quantize_checkpoint', unit='B', unit_scale=True)
+  return bar.update
+
+
+def _with_small_values(
+  groups: Sequence[quantize.Group], reader: _Reader, options: QuantizeOptions
+) -> list[quantize.Group]:
+  """Groups whose layers the search refines exactly, with their values read."""
+  from pqjax._src.search import fit
+
+  config = options.search_config
+  total = sum(g.weights for g in groups)
+  shared = options.exponent == 'global' and fit.needs_refine(total, config)
+  out = []
+  for g in groups:
+    if shared or fit.needs_refine(g.blocks.k * g.blocks.n, config):
+      leaves = tuple(leaf._replace(value=reader.whole(leaf.value)) for leaf in g.leaves)
+      g = dataclasses.replace(g, leaves=leaves)
+    out.append(g)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+  """A leaf's place in the output and what encoding it needs."""
+
+  placeholder: QArray
+  leaf: quantize.Leaf
+  group: quantize.Group
+  absmax: jax.Array
+  alpha: jax.Array
+  clip: jax.Array
+  kinds: np.ndarray
+  options: QuantizeOptions
+
+
+def _plan(
+  groups: Sequence[quantize.Group],
+  group_stats: Sequence[quantize.GroupStats],
+  alphas: jax.Array,
+  clips: jax.Array,
+  storage: Sequence[np.ndarray] | None,
+  options: QuantizeOptions,
+) -> dict[str, _Planned]:
+  """Each selected leaf's exponents, clip ratios, scale storage and output shapes."""
+  out = {}
+  offset = 0
+  for i, (g, s) in enumerate(zip(groups, group_stats)):
+    n = g.layer_count
+    a, c = alphas[offset : offset + n], clips[offset : offset + n]
+    kinds = quantize.scale_storage(g, s, c, c, options) if storage is None else storage[i]
+    first = 0
+    for leaf in g.leaves:
+      span = slice(first, first + leaf.layer_count)
+      kind = int(kinds[first]) if leaf.layer_count else quantize.FLOAT32
+      alpha = np.asarray(a[span], np.float32).reshape(leaf.layers)
+      out[leaf.path] = _Planned(
+        _placeholder(leaf, g.bits, kind, alpha, g.blocks, options.grid),
+        leaf,
+        g,
+        s.absmax[span],
+        a[span],
+        c[span],
+        np.asarray(kinds[span]),
+        options,
+      )
+      first += leaf.layer_count
+    offset += n
+  return out
+
+
+def _write_leaf(
+  writer: Writer,
+  reader: _Reader,
+  path: str,
+  planned: _Planned,
+  names: dict[str, str],
+  lost: list[str],
+) -> None:
+  leaf, g = planned.leaf, planned.group
+  arrays = _leaf_arrays(
+    reader,
+    leaf,
+    g,
+    planned.absmax,
+    planned.alpha,
+    planned.clip,
+    planned.kinds,
+    planned.options,
+  )
+  kind = int(planned.kinds[0]) if leaf.layer_count else quantize.FLOAT32
+  q = quantize.leaf_qarray(
+    leaf, g.bits, arrays, kind, np.asarray(planned.placeholder.alpha), planned.options
+  )
+  for field, name in names.items():
+    if name is not None:
+      writer.write(name, np.asarray(getattr(q, field)))
+  count = _lost_blocks(np.asarray(planned.absmax), arrays[1])
+  if count:
+    lost.append(f'{path} ({count} of {np.asarray(arrays[1]).size} blocks)')
+
+
+# Bytes of a block of rows copied at once from a leaf that is not quantized.
+COPY_BYTES = 64 << 20
+
+
+def _copy(writer: Writer, source: sources.Source, t: sources.Tensor, name: str) -> None:
+  """A tensor that is not quantized, copied to the output a block of rows at a time."""
+  if t.ndim < 2 or t.nbytes <= COPY_BYTES:
+    writer.write(name, source.read(t))
+    return
+  n = t.shape[-1]
+  row_bytes = n * t.dtype.itemsize
+  rows = math.prod(t.shape[:-1])
+  step = max(1, COPY_BYTES // row_bytes)
+  for r0 in range(0, rows, step):
+    r1 = min(rows, r0 + step)
+    writer.write(name, source.read(t, slice(r0, r1)), start=r0 * row_bytes)
