@@ -141,7 +141,8 @@ def _leaf_stats(
     else:
       absmax = np.concatenate(parts, axis=2)
     absmax = absmax[None]
-    weight = np.asarray(stats.normalise(absmax, stats.layer_exponent(absmax)))
+    host = jnp.asarray(absmax)
+    weight = np.asarray(stats.normalise(host, stats.layer_exponent(host)))
     per_tile: list[list[Any]] = [[None] * tn for _ in range(tk)]
     for j, c in enumerate(cols):
       w = reader.columns(leaf.value, layer, k, c)
@@ -309,14 +310,16 @@ def _placeholder(
   layers = leaf.layers
   k, n = blocks.k, blocks.n
   scale_dtype = quantize.qarray.SCALE_DTYPES[kind]
+  uint8 = kind == quantize.UINT8
+  fields: dict[str, Any] = {
+    'codes': sds((*layers, packing.packed_rows(k, bits), n), packing.packed_dtype(bits)),
+    'scale': sds((*layers, blocks.nk, blocks.ncol), scale_dtype),
+    'column_scale': sds((*layers, 1, blocks.ncol), np.float32) if uint8 else None,
+    'alpha': np.asarray(alpha, np.float32).reshape(layers),
+    'table': sds((*layers, num_levels(bits, grid)), np.float32),
+  }
   return QArray(
-    codes=sds((*layers, packing.packed_rows(k, bits), n), packing.packed_dtype(bits)),
-    scale=sds((*layers, blocks.nk, blocks.ncol), scale_dtype),
-    column_scale=sds((*layers, 1, blocks.ncol), np.float32)
-    if kind == quantize.UINT8
-    else None,
-    alpha=np.asarray(alpha, np.float32).reshape(layers),
-    table=sds((*layers, num_levels(bits, grid)), np.float32),
+    **fields,
     bits=bits,
     shape=tuple(leaf.value.shape),
     dtype=np.dtype(leaf.value.dtype),

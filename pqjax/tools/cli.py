@@ -191,13 +191,25 @@ def _report(args: argparse.Namespace) -> int:
   return 0
 
 
+def _streams(path: str) -> bool:
+  """Whether a checkpoint is read tensor by tensor: safetensors files and folders."""
+  p = Path(path)
+  if p.suffix == '.safetensors' and p.is_file():
+    return True
+  return p.is_dir() and (
+    (p / 'model.safetensors.index.json').exists() or any(p.glob('*.safetensors'))
+  )
+
+
 def _quantize(args: argparse.Namespace) -> int:
   import jax
 
   import pqjax
 
   out = args.output
-  fmt = args.format or ('safetensors' if out.endswith('.safetensors') else 'orbax')
+  stream = _streams(args.input) and args.format != 'orbax'
+  default = 'shards' if stream else 'orbax'
+  fmt = args.format or ('safetensors' if out.endswith('.safetensors') else default)
   if os.path.lexists(out) and not args.force:
     return _error(f'{out} exists; pass --force to overwrite it', EXIT_EXISTS)
   if os.path.isdir(out) and not os.path.islink(out) and not _replaceable_dir(out):
@@ -206,11 +218,7 @@ def _quantize(args: argparse.Namespace) -> int:
       ' files and pqjax checkpoints',
       EXIT_EXISTS,
     )
-  params = pqjax.load_float(args.input)
-  start = time.perf_counter()
-  params_q, _ = pqjax.quantize(
-    params,
-    args.bits,
+  options = dict(
     bits_per_weight=args.bits_per_weight,
     granularity=args.granularity,
     exponent=args.exponent,
@@ -219,10 +227,28 @@ def _quantize(args: argparse.Namespace) -> int:
     scale_dtype=args.scale_dtype,
     layer_axes=stacked(args.layer_axes),
   )
-  jax.block_until_ready(params_q)
-  seconds = time.perf_counter() - start
-  pqjax.save(out, params_q, format=fmt, overwrite=args.force)
-  print(pqjax.summary(params_q))
+  start = time.perf_counter()
+  if stream:
+    if fmt == 'safetensors' and not out.endswith('.safetensors'):
+      return _error(f'{out}: a safetensors output is one file named *.safetensors')
+    table = pqjax.quantize_checkpoint(
+      args.input,
+      out,
+      args.bits,
+      layout=args.layout,
+      overwrite=args.force,
+      progress=None,
+      **options,
+    )
+    seconds = time.perf_counter() - start
+  else:
+    params = pqjax.load_float(args.input)
+    params_q, _ = pqjax.quantize(params, args.bits, **options)
+    jax.block_until_ready(params_q)
+    seconds = time.perf_counter() - start
+    pqjax.save(out, params_q, format=fmt, overwrite=args.force)
+    table = pqjax.summary(params_q)
+  print(table)
   print(
     f'\nquantized in {seconds:.1f} s; wrote {out} ({fmt},'
     f' {disk_bytes(out):,} bytes on disk)'
@@ -280,16 +306,30 @@ def build_parser() -> argparse.ArgumentParser:
     parents=[common],
     help='quantize a float checkpoint and save it',
     description='Quantizes every floating leaf with two or more axes of a float'
-    ' checkpoint (an Orbax directory, a flax .msgpack file or a .safetensors file,'
-    ' Hugging Face ones included) and saves the quantized tree. Arrays keep their'
-    ' layout: channels are the last axis, so a PyTorch Linear weight (out, in)'
-    ' gets one scale per input feature. Other leaves pass through untouched.',
+    ' checkpoint and saves the quantized tree. A .safetensors file, a folder of'
+    ' safetensors shards or a Hugging Face model folder is read tensor by tensor'
+    ' (never whole in memory) and written as a folder of shards (or one'
+    ' .safetensors file); a Hugging Face folder becomes the parameter tree of its'
+    ' transformers Flax class (kernels transposed from PyTorch weights, one scale'
+    ' per output feature) unless --layout none. An Orbax directory or a flax'
+    ' .msgpack file is read whole. Channels are the last axis. Other leaves pass'
+    ' through untouched.',
   )
   p.add_argument(
-    'input', help='float checkpoint: Orbax directory, .msgpack or .safetensors'
+    'input',
+    help='float checkpoint: .safetensors file, folder of shards, Hugging Face'
+    ' folder, Orbax directory or .msgpack',
   )
   p.add_argument(
-    'output', help='where to write: a .safetensors file, else an Orbax directory'
+    'output',
+    help='where to write: a .safetensors file; else a folder of shards (safetensors'
+    ' inputs) or an Orbax directory',
+  )
+  p.add_argument(
+    '--layout',
+    choices=('auto', 'none'),
+    default='auto',
+    help="auto: a Hugging Face folder in its Flax model's layout; none: as stored",
   )
   p.add_argument(
     '--bits',
@@ -349,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     '--format',
-    choices=('safetensors', 'orbax'),
-    help='output format (default: from the output name)',
+    choices=('safetensors', 'shards', 'orbax'),
+    help='output format (default: from the output name and the input)',
   )
   p.add_argument('--force', action='store_true', help='overwrite an existing output')
   p.set_defaults(func=_quantize)

@@ -84,9 +84,9 @@ def flax_tensors(folder: Path, stored: dict[str, Stored]) -> dict[str, Tensor]:
     key = tuple(name.split('.'))
     if head_into_base and key[0] == prefix:
       key = key[1:]
-    key, axes = rename_key_and_reshape_tensor(
-      key, _Axes(stored[name].shape), expected, prefix
-    )
+    # transformers types the tensor as an array; the rules only permute its axes.
+    rule: Any = rename_key_and_reshape_tensor
+    key, axes = rule(key, _Axes(stored[name].shape), expected, prefix)
     if base_into_head and (prefix, *key) in expected:
       key = (prefix, *key)
     if key not in expected:

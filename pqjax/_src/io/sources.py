@@ -307,7 +307,10 @@ def open_source(path: os.PathLike | str, layout: str = 'auto') -> Source:
       return Source(hf_layout.flax_tensors(path, stored), description)
   else:
     stored, meta = header(path)
-    if meta.get('format') == 'pqjax':
-      raise CheckpointError(f'{path}: already quantized (a pqjax checkpoint)')
     description = f'{path} ({len(stored)} tensors)'
+    if meta.get('format') == 'pqjax':
+      # A pqjax checkpoint names its tensors by their paths.
+      if '"qarray"' in meta.get('tree', ''):
+        raise CheckpointError(f'{path}: already quantized (a pqjax checkpoint)')
+      return Source(flat_tensors(stored, sep='/'), description)
   return Source(flat_tensors(stored), description)
