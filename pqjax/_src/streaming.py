@@ -6,12 +6,13 @@ statistics pass reads every selected leaf once, the search runs on all layers'
 statistics (small), and the encoding pass reads each leaf again and writes its
 arrays at their place in the output, which is laid out before (see
 :mod:`pqjax._src.io.writer`). A leaf of up to ``working_set`` bytes as float32 is
-read whole and goes through the very programs :func:`quantize` runs, one leaf at a
-time; a larger one is read one tile column at a time (all its rows, ``N / t``
-columns, ``t`` the tiles along N of :mod:`pqjax._src.search.tiles`), whose block
-maxima, per-tile statistics (summed in tile order) and codes are those of the
-whole leaf, bit for bit. So the result is what :func:`quantize` gives on the same
-tree, and memory holds about one leaf of ``working_set`` or one tile column.
+read whole (counting the programs' temporaries) and goes through the very programs
+:func:`quantize` runs, one leaf at a time; a larger one is read one tile of
+:mod:`pqjax._src.search.tiles` at a time for its statistics (a tile column where
+group scales cut K) and a few columns at a time for its codes, whose block maxima,
+per-tile statistics (summed in tile order) and codes are those of the whole leaf,
+bit for bit. So the result is what :func:`quantize` gives on the same tree, and
+memory holds about the working set or one tile.
 """
 
 from __future__ import annotations
@@ -63,12 +64,28 @@ class _Reader:
     return jnp.asarray(self.source.read(tensor))
 
   def fits(self, tensor: sources.Tensor) -> bool:
-    return 4 * tensor.size <= self.working_set
+    """Whether the leaf is read whole: as float32 with the programs' temporaries
+    (about three copies more), within the working set."""
+    return 16 * tensor.size <= self.working_set
 
-  def columns(self, tensor: sources.Tensor, layer: int, k: int, cols: slice) -> jax.Array:
-    """Rows of one layer, columns ``cols``: ``(k, c)`` float32."""
-    rows = slice(layer * k, (layer + 1) * k)
-    return jnp.asarray(self.source.read(tensor, rows, cols)).astype(jnp.float32)
+  def columns(
+    self,
+    tensor: sources.Tensor,
+    layer: int,
+    k: int,
+    cols: slice,
+    rows: slice = slice(None),
+  ) -> jax.Array:
+    """Rows ``rows`` (all by default) of one layer's ``(k, N)`` view, columns
+    ``cols``, as float32."""
+    first, last, _ = rows.indices(k)
+    span = slice(layer * k + first, layer * k + last)
+    return jnp.asarray(self.source.read(tensor, span, cols)).astype(jnp.float32)
+
+  def column_width(self, k: int, n: int) -> int:
+    """Columns encoded at once: all ``k`` rows of them, as float32 a sixteenth of
+    the working set (the encoding's temporaries take several times that)."""
+    return max(1, min(n, self.working_set // (64 * k)))
 
 
 def _tile_columns(k: int, n: int, nk: int) -> tuple[int, int, int, int]:
@@ -126,16 +143,35 @@ def _leaf_stats(
         (reader.whole(leaf.value),), k=k, n=n, nk=nk, ncol=ncol, bins=bins
       )
     )
-  tk, tn, _, nt = _tile_columns(k, n, nk)
+  tk, tn, kt, nt = _tile_columns(k, n, nk)
+  # One scale per column block of all rows (per channel, per tensor): tiles are read
+  # one at a time. Groups cut K into blocks that tiles do not follow: whole columns.
+  by_tile = nk == 1
+  row_tiles = [slice(i * kt, (i + 1) * kt) for i in range(tk)] if by_tile else None
   finite, absmaxes, binned = [], [], []
   for layer in range(leaf.layer_count):
     cols = [slice(j * nt, (j + 1) * nt) for j in range(tn)]
-    parts = [
-      np.asarray(
-        _column_absmax(reader.columns(leaf.value, layer, k, c), nk=nk, ncol=ncol)
-      )
-      for c in cols
-    ]
+    if row_tiles is None:
+      parts = [
+        np.asarray(
+          _column_absmax(reader.columns(leaf.value, layer, k, c), nk=nk, ncol=ncol)
+        )
+        for c in cols
+      ]
+    else:
+      # A maximum is exact in any order: tile by tile.
+      parts = [
+        functools.reduce(
+          _max_bits,
+          [
+            np.asarray(
+              _column_absmax(reader.columns(leaf.value, layer, k, c, r), nk=1, ncol=ncol)
+            )
+            for r in row_tiles
+          ],
+        )
+        for c in cols
+      ]
     if ncol == 1:
       absmax = functools.reduce(_max_bits, parts)
     else:
@@ -145,12 +181,17 @@ def _leaf_stats(
     weight = np.asarray(stats.normalise(host, stats.layer_exponent(host)))
     per_tile: list[list[Any]] = [[None] * tn for _ in range(tk)]
     for j, c in enumerate(cols):
-      w = reader.columns(leaf.value, layer, k, c)
-      a = absmax[0] if ncol == 1 else absmax[0][..., c]
-      wt = weight if ncol == 1 else weight[..., c]
-      s = _column_stats(w, jnp.asarray(a), jnp.asarray(wt), tk=tk, nk=nk, bins=bins)
-      for i in range(tk):
-        per_tile[i][j] = s[i]
+      a = jnp.asarray(absmax[0] if ncol == 1 else absmax[0][..., c])
+      wt = jnp.asarray(weight if ncol == 1 else weight[..., c])
+      if row_tiles is None:
+        w = reader.columns(leaf.value, layer, k, c)
+        s = _column_stats(w, a, wt, tk=tk, nk=nk, bins=bins)
+        for i in range(tk):
+          per_tile[i][j] = s[i]
+      else:
+        for i, r in enumerate(row_tiles):
+          w = reader.columns(leaf.value, layer, k, c, r)
+          per_tile[i][j] = _column_stats(w, a, wt, tk=1, nk=1, bins=bins)[0]
     # Summed in tile order (row-major), as tiles.fold does.
     order = [t for row in per_tile for t in row]
     total = order[0]
@@ -232,31 +273,40 @@ def _leaf_arrays(
       **kwargs,
     )
     return tuple(np.asarray(x[0]) for x in e)  # type: ignore[return-value]
-  _, tn, _, nt = _tile_columns(b.k, b.n, b.nk)
-  layers = []
+  # Codes are packed along K and scales are per column: any columns encode alone,
+  # each into its place in arrays made once (no copies of the leaf's codes).
+  width = reader.column_width(b.k, b.n)
+  out: list[np.ndarray] = []
   for layer in range(leaf.layer_count):
-    parts = []
-    for j in range(tn):
-      cols = slice(j * nt, (j + 1) * nt)
+    for j in range(0, b.n, width):
+      cols = slice(j, min(b.n, j + width))
       w = reader.columns(leaf.value, layer, b.k, cols)
       a = absmax[layer] if b.ncol == 1 else absmax[layer][..., cols]
-      parts.append(
-        _encode_columns(
+      part = [
+        np.asarray(x)
+        for x in _encode_columns(
           w, alpha[layer], clip[layer], a, jnp.asarray(kinds[layer]), **kwargs
         )
-      )
-    # Codes always, scales too unless one scale serves every column.
-    joined = [
-      np.concatenate([np.asarray(p[f]) for p in parts], axis=-1) for f in range(4)
-    ]
-    if b.ncol == 1:
-      joined[1:] = [np.asarray(x) for x in parts[0][1:]]
-    layers.append(joined)
-  shape = leaf.layers
-  return tuple(
-    np.stack([x[f] for x in layers]).reshape(*shape, *layers[0][f].shape)
-    for f in range(4)
-  )  # type: ignore[return-value]
+      ]
+      if not out:
+        out = [
+          np.empty(
+            (
+              leaf.layer_count,
+              *x.shape[:-1],
+              b.n if f == 0 or b.ncol != 1 else x.shape[-1],
+            ),
+            x.dtype,
+          )
+          for f, x in enumerate(part)
+        ]
+      for f, x in enumerate(part):
+        # Codes always, scales too unless one scale serves every column.
+        if f == 0 or b.ncol != 1:
+          out[f][layer, ..., cols] = x
+        elif j == 0:
+          out[f][layer] = x
+  return tuple(x.reshape(*leaf.layers, *x.shape[1:]) for x in out)  # type: ignore[return-value]
 
 
 @functools.partial(
@@ -354,8 +404,10 @@ def quantize_checkpoint(
       weights), so one scale serves each output feature; ``"none"``: names and
       layouts as stored.
     shard_bytes: the most bytes an output shard holds.
-    working_set: leaves up to this many bytes as float32 are read whole; larger
-      ones one tile column at a time.
+    working_set: bytes of weights the passes hold at once (a leaf read whole is
+      counted as float32 with its temporaries, 16 bytes a weight); larger leaves
+      are read a tile at a time for statistics and a few columns at a time for
+      codes.
     overwrite: replace ``dst`` if it is a file or a pqjax checkpoint.
     **options: every option of :func:`pqjax.quantize`.
 
@@ -421,6 +473,8 @@ def quantize_checkpoint(
       except BaseException:
         writer.abort()
         raise
+      if tmp.is_dir() and Path(src).is_dir():
+        _copy_companions(Path(src), tmp)
 
     atomic.atomic_write(dst, write, overwrite, _is_checkpoint)
   if lost:
@@ -431,6 +485,25 @@ def quantize_checkpoint(
       stacklevel=2,
     )
   return summary(tree)
+
+
+# Weights in other formats are not copied next to the quantized ones.
+_WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.h5', '.msgpack', '.gguf')
+
+
+def _copy_companions(src: Path, dst: Path) -> None:
+  """The files a model folder holds besides its weights (``config.json``, the
+  tokenizer's, ``generation_config.json``), so the output loads as the input does."""
+  import shutil
+
+  for file in src.iterdir():
+    if (
+      file.is_file()
+      and file.name != sources.INDEX
+      and not file.name.endswith(_WEIGHT_SUFFIXES)
+      and not (dst / file.name).exists()
+    ):
+      shutil.copy2(file, dst / file.name)
 
 
 def _is_checkpoint(path: Path) -> bool:

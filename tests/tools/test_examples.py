@@ -48,3 +48,12 @@ def test_hf_bert_example():
   out = run_example('hf_bert')
   assert out['float mean [CLS] cosine'] == 1.0
   check_comparison(out, 'mean [CLS] cosine', 0.99, 0.15)
+
+
+@pytest.mark.slow
+def test_generate_example():
+  out = run_example('generate')
+  assert out['generated tokens'] == 24
+  # Greedy tokens of the 4-bit model are those of its dequantized weights.
+  assert out['tokens equal to the dequantized model'] == 1.0
+  assert out['4-bit folder bytes'] < out['bf16 folder bytes'] / 3.5

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pqjax._src.io.sources import Stored, Tensor
+from pqjax._src.io.sources import FLOAT_DTYPES, Stored, Tensor
 from pqjax._src.io.treespec import CheckpointError
 
 
@@ -64,6 +64,20 @@ def flax_class(folder: Path) -> Any:
   )
 
 
+def _tie_head(out: dict[tuple[str, ...], Tensor], expected: dict[tuple, Any]) -> None:
+  """A tied model's output kernel, where its Flax class has one of its own (Llama's
+  does not tie) and the checkpoint stores only the embedding: the embedding
+  transposed, read from the same bytes."""
+  for key in expected:
+    if key in out or key[-1] != 'kernel' or len(expected[key].shape) != 2:
+      continue
+    want = tuple(expected[key].shape)
+    for other, t in out.items():
+      if other[-1] == 'embedding' and t.shape[::-1] == want and t.perm is None:
+        out[key] = Tensor('/'.join(key), t.stored, (1, 0))
+        break
+
+
 def flax_tensors(folder: Path, stored: dict[str, Stored]) -> dict[str, Tensor]:
   """The tensors of a Hugging Face folder by their path in the Flax model's params."""
   from flax.traverse_util import flatten_dict
@@ -90,7 +104,9 @@ def flax_tensors(folder: Path, stored: dict[str, Stored]) -> dict[str, Tensor]:
     if base_into_head and (prefix, *key) in expected:
       key = (prefix, *key)
     if key not in expected:
-      unused.append(name)
+      # Integer buffers (BERT's position_ids) are not parameters: no warning.
+      if stored[name].dtype in FLOAT_DTYPES:
+        unused.append(name)
       continue
     want = tuple(expected[key].shape)
     if axes.shape != want:
@@ -101,6 +117,8 @@ def flax_tensors(folder: Path, stored: dict[str, Stored]) -> dict[str, Tensor]:
     perm = None if axes.perm == tuple(range(axes.ndim)) else axes.perm
     path = '/'.join(key)
     out[key] = Tensor(path, stored[name], perm)
+  if getattr(config, 'tie_word_embeddings', False):
+    _tie_head(out, expected)
   missing = sorted('/'.join(k) for k in expected if k not in out)
   if missing:
     raise CheckpointError(

@@ -46,9 +46,13 @@ def from_maps(source: sources.Source, meta: dict[str, Any], where: Path) -> Any:
   """The pqjax tree of memory-mapped tensors: checked, then copied tensor by tensor."""
   spec = check_metadata(meta, where)
   tensors = _arrays(source)
-  # An index's metadata also says its size (total_size), which is not checksummed.
+  # An index's metadata also says its size (total_size, an int as transformers writes
+  # it), which is not checksummed.
   fields = {k: v for k, v in meta.items() if k != 'total_size'}
-  if meta.get('sha256') != checksum(fields, tensors):
+  by_name = {t.stored.name: t.stored for t in source}
+  if meta.get('sha256') != checksum(
+    fields, tensors, lambda name: source.release(by_name[name])
+  ):
     raise CheckpointError(
       f'{where}: corrupted: the data does not match the checksum in its metadata'
     )

@@ -48,6 +48,8 @@ DTYPES: dict[str, Any] = {
 FLOAT_DTYPES = frozenset(
   np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32)
 )
+# Bytes of stored rows copied between handing pages back.
+BLOCK_BYTES = 32 << 20
 # The largest header a safetensors file may have (its own reader's limit).
 MAX_HEADER = 100 << 20
 
@@ -258,7 +260,20 @@ class Source:
       if rows is None and cols is None:
         return np.array(view)
       matrix = view.reshape(-1, view.shape[-1]) if view.ndim != 2 else view
-      return np.array(matrix[rows or slice(None), cols or slice(None)])
+      block = matrix[rows or slice(None), cols or slice(None)]
+      if tensor.perm is not None or not block.size:
+        return np.array(block)
+      # Some columns of every row touch every page of the rows: copied a block of
+      # rows at a time, each block's pages handed back, so the tensor's pages are
+      # never all resident at once (a 128256-row embedding is 1 GB in bfloat16).
+      out = np.empty(block.shape, block.dtype)
+      first = (rows or slice(None)).indices(matrix.shape[0])[0]
+      row_bytes = matrix.shape[1] * s.dtype.itemsize
+      step = max(1, BLOCK_BYTES // row_bytes)
+      for r0 in range(0, block.shape[0], step):
+        out[r0 : r0 + step] = block[r0 : r0 + step]
+        self.release(s, (first + r0) * row_bytes, (first + r0 + step) * row_bytes)
+      return out
     finally:
       self.release(s)
 
@@ -269,14 +284,15 @@ class Source:
     data = self._map(s.file)
     return np.frombuffer(data, s.dtype, math.prod(s.shape), s.offset).reshape(s.shape)
 
-  def release(self, s: Stored) -> None:
-    """Hands the tensor's pages back: they stay in the page cache, not in our RSS."""
+  def release(self, s: Stored, lo: int = 0, hi: int | None = None) -> None:
+    """Hands the pages of the tensor's bytes ``[lo, hi)`` (all by default) back: they
+    stay in the page cache, not in our RSS."""
     m = self._maps.get(s.file)
     if m is None or not hasattr(m, 'madvise'):
       return
     page = mmap.PAGESIZE
-    start = s.offset // page * page
-    end = min(len(m), s.offset + s.nbytes)
+    start = (s.offset + lo) // page * page
+    end = min(len(m), s.offset + (s.nbytes if hi is None else min(hi, s.nbytes)))
     if end > start:
       m.madvise(mmap.MADV_DONTNEED, start, end - start)
 

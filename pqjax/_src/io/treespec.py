@@ -287,14 +287,24 @@ def _bytes_of(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
 
 
-def checksum(meta: dict[str, str], tensors: dict[str, np.ndarray]) -> str:
-  """SHA-256 of the metadata (less this checksum) and each tensor's name, type, bytes."""
+def checksum(
+  meta: dict[str, str],
+  tensors: dict[str, np.ndarray],
+  done: Callable[[str], None] | None = None,
+) -> str:
+  """SHA-256 of the metadata (less this checksum) and each tensor's name, type, bytes.
+
+  ``done(name)`` is called after each tensor is read (memory-mapped tensors hand
+  their pages back there, so checking a checkpoint does not hold it all).
+  """
   fields = {k: v for k, v in meta.items() if k != 'sha256'}
   h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
   for name in sorted(tensors):
     x = tensors[name]
     h.update(f'\0{name}\0{dtype_name(x.dtype)}\0{list(x.shape)}\0'.encode())
     h.update(_bytes_of(x).data)
+    if done is not None:
+      done(name)
   return h.hexdigest()
 
 

@@ -148,7 +148,7 @@ class Writer:
       os.pwrite(self._fds[self.path.name], digest.encode(), self._sha_at)
     else:
       index = {
-        'metadata': {**self.meta, 'sha256': digest, 'total_size': str(self.total)},
+        'metadata': {**self.meta, 'sha256': digest, 'total_size': self.total},
         'weight_map': {name: s.file for name, s in sorted(self.slots.items())},
       }
       (self.path / sources.INDEX).write_text(json.dumps(index, indent=1) + '\n')
