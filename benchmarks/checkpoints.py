@@ -284,8 +284,9 @@ def main() -> None:
     f' --sizes {args.sizes}`.',
     '',
     'Quantize: `pqjax quantize SRC DST --bits 4` in a fresh process (streaming,'
-    ' working set 256 MiB (the default), Flax layout). Load + step: `pqjax.load(DST)` and one'
-    ' 8-token forward of `FlaxLlamaForCausalLM` under `jax.jit(pqjax.wrap(...))` in'
+    ' working set 256 MiB (the default), Flax layout). Load + step:'
+    ' `pqjax.load(DST)` and one 8-token forward of `FlaxLlamaForCausalLM` under'
+    ' `jax.jit(pqjax.wrap(...))` in'
     ' a fresh process; "step needs" is its compiled temp + output; the last column'
     f' takes off the {baseline / 1e9:.2f} GB of a process that only imports jax,'
     ' pqjax and transformers.',

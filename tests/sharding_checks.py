@@ -280,6 +280,27 @@ def test_orbax_round_trip_onto_the_mesh(tmp_path):
   )
 
 
+@pytest.mark.parametrize('fmt', ['shards', 'safetensors'])
+def test_safetensors_and_shards_load_onto_the_mesh(tmp_path, fmt):
+  mesh = _mesh('2x4')
+  params_q, _ = pqjax.quantize(_put(_params(5), mesh, P('x', 'y')), 4)
+  path = tmp_path / ('q' if fmt == 'shards' else 'q.safetensors')
+  pqjax.save(path, params_q, format=fmt)
+  target = jax.tree_util.tree_map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params_q
+  )
+  restored = pqjax.load(path, target=target)
+  for name in params_q:
+    for f in ('codes', 'scale', 'alpha', 'table'):
+      got, want = getattr(restored[name], f), getattr(params_q[name], f)
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+      assert got.sharding.is_equivalent_to(want.sharding, got.ndim), (name, f)
+  wrong = dict(target)
+  del wrong['big']
+  with pytest.raises(pqjax.CheckpointError, match='target does not match'):
+    pqjax.load(path, target=wrong)
+
+
 def test_unsupported_layouts_name_the_leaf():
   mesh = _mesh('2x4')
   rng = np.random.default_rng(5)

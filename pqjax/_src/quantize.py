@@ -209,7 +209,13 @@ def statistics(
       )
     out.append(GroupStats(*s))
     _advance(bar, out[-1], g.weights)
-  for g, s in zip(groups, out):
+  check_finite(groups, out)
+  return out
+
+
+def check_finite(groups: Sequence[Group], group_stats: Sequence[GroupStats]) -> None:
+  """ValueError naming the first leaf (and layer) that holds NaN or Inf."""
+  for g, s in zip(groups, group_stats):
     bad = np.flatnonzero(~np.asarray(s.finite))
     if bad.size:
       leaf, index = g.owner(int(bad[0]))
@@ -217,7 +223,6 @@ def statistics(
       raise ValueError(
         f'{leaf.path}: leaf of shape {tuple(leaf.value.shape)} holds NaN or Inf{where}'
       )
-  return out
 
 
 def layer_exponents(group_stats: Sequence[GroupStats]) -> jax.Array:

@@ -185,13 +185,15 @@ def _leaf_stats(
       wt = jnp.asarray(weight if ncol == 1 else weight[..., c])
       if row_tiles is None:
         w = reader.columns(leaf.value, layer, k, c)
-        s = _column_stats(w, a, wt, tk=tk, nk=nk, bins=bins)
+        s = jax.block_until_ready(_column_stats(w, a, wt, tk=tk, nk=nk, bins=bins))
         for i in range(tk):
           per_tile[i][j] = s[i]
       else:
         for i, r in enumerate(row_tiles):
           w = reader.columns(leaf.value, layer, k, c, r)
-          per_tile[i][j] = _column_stats(w, a, wt, tk=1, nk=1, bins=bins)[0]
+          per_tile[i][j] = jax.block_until_ready(
+            _column_stats(w, a, wt, tk=1, nk=1, bins=bins)[0]
+          )
     # Summed in tile order (row-major), as tiles.fold does.
     order = [t for row in per_tile for t in row]
     total = order[0]
@@ -216,7 +218,9 @@ def statistics(
   for g in groups:
     parts = []
     for leaf in g.leaves:
-      parts.append(_leaf_stats(reader, leaf, g.blocks, bins))
+      # Waited for: dispatch would run ahead, each queued program holding its
+      # input (a tile of weights) until it runs.
+      parts.append(jax.block_until_ready(_leaf_stats(reader, leaf, g.blocks, bins)))
       advance(leaf.value.nbytes)
     out.append(
       quantize.GroupStats(
@@ -226,14 +230,7 @@ def statistics(
         )
       )
     )
-  for g, s in zip(groups, out):
-    bad = np.flatnonzero(~np.asarray(s.finite))
-    if bad.size:
-      leaf, index = g.owner(int(bad[0]))
-      where = f' (layer {index if len(index) > 1 else index[0]})' if index else ''
-      raise ValueError(
-        f'{leaf.path}: leaf of shape {tuple(leaf.value.shape)} holds NaN or Inf{where}'
-      )
+  quantize.check_finite(groups, out)
   return out
 
 
@@ -249,8 +246,14 @@ def _leaf_arrays(
   clip: jax.Array,
   kinds: np.ndarray,
   options: QuantizeOptions,
+  emit: Callable[[np.ndarray, int, int], None] | None = None,
 ) -> tuple[Any, Any, Any, Any]:
-  """A leaf's codes, scale values, uint8 steps and column scales (host arrays)."""
+  """A leaf's codes, scale values, uint8 steps and column scales (host arrays).
+
+  With ``emit``, a leaf read in parts hands its codes over part by part instead,
+  ``emit(codes, row, col)`` (their place in the leaf's codes seen as a matrix of
+  ``N`` columns), and its codes come back as None.
+  """
   b = g.blocks
   kwargs = dict(
     nk=b.nk,
@@ -273,9 +276,14 @@ def _leaf_arrays(
       **kwargs,
     )
     return tuple(np.asarray(x[0]) for x in e)  # type: ignore[return-value]
+  # Stored rows are contiguous: blocks of them where they are the leaf's rows.
+  rows_stored = getattr(leaf.value, 'perm', None) is None
+  if emit and rows_stored and b.nk == 1 and options.clip_mode != 'block':
+    return _encode_rows(reader, leaf, g, absmax, alpha, clip, kinds, kwargs, emit)
   # Codes are packed along K and scales are per column: any columns encode alone,
   # each into its place in arrays made once (no copies of the leaf's codes).
   width = reader.column_width(b.k, b.n)
+  per_layer = packing.packed_rows(b.k, g.bits)
   out: list[np.ndarray] = []
   for layer in range(leaf.layer_count):
     for j in range(0, b.n, width):
@@ -298,15 +306,66 @@ def _leaf_arrays(
             ),
             x.dtype,
           )
+          if f or emit is None
+          else np.empty(0, x.dtype)
           for f, x in enumerate(part)
         ]
+      if emit is not None:
+        emit(part[0], layer * per_layer, j)
       for f, x in enumerate(part):
         # Codes always, scales too unless one scale serves every column.
+        if f == 0 and emit is not None:
+          continue
         if f == 0 or b.ncol != 1:
           out[f][layer, ..., cols] = x
         elif j == 0:
           out[f][layer] = x
-  return tuple(x.reshape(*leaf.layers, *x.shape[1:]) for x in out)  # type: ignore[return-value]
+  if emit is not None:
+    out[0] = None  # type: ignore[call-overload]
+  return tuple(None if x is None else x.reshape(*leaf.layers, *x.shape[1:]) for x in out)  # type: ignore[return-value]
+
+
+def _encode_rows(
+  reader: _Reader,
+  leaf: quantize.Leaf,
+  g: quantize.Group,
+  absmax: jax.Array,
+  alpha: jax.Array,
+  clip: jax.Array,
+  kinds: np.ndarray,
+  kwargs: dict[str, Any],
+  emit: Callable[[np.ndarray, int, int], None],
+) -> tuple[Any, Any, Any, Any]:
+  """Codes a block of rows at a time, handed to ``emit``; the scales of all rows.
+
+  One scale block a column (per channel, per tensor): a code depends on its weight
+  and its column's scale, which the column's maximum (from the statistics) fixes,
+  so blocks of whole packing units of rows encode alone, and their packed rows are
+  contiguous in the output. The leaf's codes are never held whole (the 128256 x 4096
+  embedding's are 263 MB at 4 bits).
+  """
+  b = g.blocks
+  unit = packing.codes_per_unit(g.bits)[0] * 8  # rows: whole bytes at every width
+  step = max(unit, reader.working_set // (64 * b.n) // unit * unit)
+  per_layer = packing.packed_rows(b.k, g.bits)
+  rest: list[np.ndarray] = []
+  for layer in range(leaf.layer_count):
+    for r0 in range(0, b.k, step):
+      rows = slice(r0, min(b.k, r0 + step))
+      w = reader.columns(leaf.value, layer, b.k, slice(None), rows)
+      codes, *scales = (
+        np.asarray(x)
+        for x in _encode_columns(
+          w, alpha[layer], clip[layer], absmax[layer], jnp.asarray(kinds[layer]), **kwargs
+        )
+      )
+      emit(codes, layer * per_layer + packing.packed_rows(r0, g.bits), 0)
+      if r0 == 0:
+        if not rest:
+          rest = [np.empty((leaf.layer_count, *x.shape), x.dtype) for x in scales]
+        for out, x in zip(rest, scales):
+          out[layer] = x
+  return (None, *(x.reshape(*leaf.layers, *x.shape[1:]) for x in rest))  # type: ignore[return-value]
 
 
 @functools.partial(
@@ -600,6 +659,10 @@ def _write_leaf(
   lost: list[str],
 ) -> None:
   leaf, g = planned.leaf, planned.group
+
+  def emit(codes: np.ndarray, row: int, col: int) -> None:
+    writer.write_columns(names['codes'], codes, row, col)
+
   arrays = _leaf_arrays(
     reader,
     leaf,
@@ -609,13 +672,17 @@ def _write_leaf(
     planned.clip,
     planned.kinds,
     planned.options,
+    emit,
   )
+  streamed = arrays[0] is None
+  if streamed:
+    arrays = (planned.placeholder.codes, *arrays[1:])
   kind = int(planned.kinds[0]) if leaf.layer_count else quantize.FLOAT32
   q = quantize.leaf_qarray(
     leaf, g.bits, arrays, kind, np.asarray(planned.placeholder.alpha), planned.options
   )
   for field, name in names.items():
-    if name is not None:
+    if name is not None and not (streamed and field == 'codes'):
       writer.write(name, np.asarray(getattr(q, field)))
   count = _lost_blocks(np.asarray(planned.absmax), arrays[1])
   if count:

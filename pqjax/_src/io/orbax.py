@@ -91,7 +91,7 @@ def _restore_args(target_tensors: dict[str, Any]) -> dict[str, Any]:
   return {k: one(v) for k, v in target_tensors.items()}
 
 
-def _reorder(target: Any, spec: Any) -> Any:
+def reorder(target: Any, spec: Any) -> Any:
   """``target`` with its dicts in the checkpoint's key order (tree_map sorts keys)."""
   if not isinstance(spec, dict):
     return target
@@ -101,18 +101,18 @@ def _reorder(target: Any, spec: Any) -> Any:
     and isinstance(target, dict)
     and set(target) == set(spec.get('keys', ()))
   ):
-    node = {k: _reorder(target[k], v) for k, v in zip(spec['keys'], values)}
+    node = {k: reorder(target[k], v) for k, v in zip(spec['keys'], values)}
     return node if type(target) is dict else type(target)(node)
   if (
     kind in ('list', 'tuple')
     and type(target) in (list, tuple)
     and len(target) == len(values)
   ):
-    return type(target)(_reorder(t, v) for t, v in zip(target, values))
+    return type(target)(reorder(t, v) for t, v in zip(target, values))
   return target
 
 
-def _spec_difference(
+def spec_difference(
   a: dict[str, Any], b: dict[str, Any], path: tuple[Any, ...] = ()
 ) -> str:
   """Where two tree specs first differ: the leaf path, then checkpoint vs target."""
@@ -128,7 +128,7 @@ def _spec_difference(
     make = jax.tree_util.DictKey if 'keys' in a else jax.tree_util.SequenceKey
     for k, x, y in zip(keys_a, a['values'], b['values']):
       if x != y:
-        return _spec_difference(x, y, (*path, make(k)))
+        return spec_difference(x, y, (*path, make(k)))
     return where
   meta = ('bits', 'shape', 'dtype', 'layer_axes')
   if kind == 'qarray' and all(a.get(k) == b.get(k) for k in meta):
@@ -159,11 +159,11 @@ def load(directory: PathLike, target: Any = None) -> Any:
   # restore), so a malformed one must fail here as cleanly as in unflatten.
   try:
     if target is not None:
-      target_spec, target_tensors = flatten(_reorder(target, spec))
+      target_spec, target_tensors = flatten(reorder(target, spec))
       if target_spec != spec:
         raise CheckpointError(
           f'{directory}: target does not match the checkpoint at '
-          + _spec_difference(spec, target_spec)
+          + spec_difference(spec, target_spec)
           + ' (checkpoint vs target)'
         )
     walk_refs(spec, want)

@@ -34,8 +34,9 @@ class Format:
   claims: Callable[[Path], bool]
   # ``save(path, tree, *, overwrite)``: writes a (quantized) tree atomically.
   save: Callable[..., None] | None = None
-  # ``load(path)``: a pqjax checkpoint, bit for bit.
-  load: Callable[[Path], Any] | None = None
+  # ``load(path, target=None)``: a pqjax checkpoint, bit for bit, placed by the
+  # shardings of ``target``'s leaves.
+  load: Callable[..., Any] | None = None
   # ``read_float(path)``: a float tree from any file of the format.
   read_float: Callable[[Path], Any] | None = None
   # How the format is described in error messages.
@@ -130,11 +131,15 @@ def _arrays_only(tree: Any, where: Path) -> Any:
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def load(path: PathLike) -> Any:
-  """Loads a pqjax checkpoint: an Orbax directory or a safetensors file.
+def load(path: PathLike, target: Any = None) -> Any:
+  """Loads a pqjax checkpoint: a safetensors file, a folder of safetensors shards or
+  an Orbax directory.
 
   Args:
     path: the checkpoint's file or directory.
+    target: a tree like the saved one (arrays or ``jax.ShapeDtypeStruct`` leaves,
+      e.g. ``jax.eval_shape`` of the quantization with shardings): each tensor is
+      placed with its leaf's sharding, straight from the file.
 
   Returns:
     The saved tree, bit for bit.
@@ -147,7 +152,7 @@ def load(path: PathLike) -> Any:
   # Anything else is read as safetensors, whose reader says what is wrong with it.
   loader = fmt.load if fmt is not None else _FORMATS['safetensors'].load
   assert loader is not None
-  return loader(path)
+  return loader(path) if target is None else loader(path, target)
 
 
 def save(

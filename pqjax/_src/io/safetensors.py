@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from pqjax._src.io import atomic, orbax
+from pqjax._src.io.sources import DTYPE_NAMES, DTYPES
 from pqjax._src.io.treespec import (
   FORMAT,
   CheckpointError,
@@ -26,29 +26,6 @@ from pqjax._src.io.treespec import (
   unflatten,
   verify,
 )
-
-# safetensors' dtype names; ml_dtypes gives NumPy the ones it lacks.
-_SAFETENSORS_DTYPES = {
-  'BOOL': np.bool_,
-  'U8': np.uint8,
-  'I8': np.int8,
-  'U16': np.uint16,
-  'I16': np.int16,
-  'U32': np.uint32,
-  'I32': np.int32,
-  'U64': np.uint64,
-  'I64': np.int64,
-  'F16': np.float16,
-  'BF16': ml_dtypes.bfloat16,
-  'F32': np.float32,
-  'F64': np.float64,
-  'C64': np.complex64,
-  'F8_E4M3': ml_dtypes.float8_e4m3fn,
-  'F8_E5M2': ml_dtypes.float8_e5m2,
-}
-
-
-_DTYPE_NAMES = {np.dtype(t): name for name, t in _SAFETENSORS_DTYPES.items()}
 
 
 def _layout(
@@ -66,7 +43,7 @@ def _layout(
   offset = 0
   for name in order:
     x = tensors[name]
-    dtype = _DTYPE_NAMES.get(np.dtype(x.dtype))
+    dtype = DTYPE_NAMES.get(np.dtype(x.dtype))
     if dtype is None:
       raise TypeError(f'{name}: arrays of dtype {x.dtype} cannot be saved in safetensors')
     header[name] = {
@@ -154,7 +131,7 @@ def read(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     raise CheckpointError(f'{path}: not a valid safetensors file: {e}') from None
   tensors = {}
   for name, view in sorted(views):
-    dtype = _SAFETENSORS_DTYPES.get(view['dtype'])
+    dtype = DTYPES.get(view['dtype'])
     if dtype is None:
       raise CheckpointError(
         f'{path}: tensor {name!r} has unsupported dtype {view["dtype"]}'
@@ -163,15 +140,16 @@ def read(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   return tensors, meta
 
 
-def load(path: PathLike) -> Any:
+def load(path: PathLike, target: Any = None) -> Any:
   """Loads a tree saved by :func:`save`, bit for bit, through a memory map: each
-  tensor is copied onto the device and its pages handed back."""
+  tensor is copied onto the device (or where ``target``'s leaves' shardings place
+  it) and its pages handed back."""
   from pqjax._src.io import shards, sources
 
   path = Path(path)
   stored, meta = sources.header(path)
   with sources.Source(sources.flat_tensors(stored, sep=None), str(path)) as source:
-    return shards.from_maps(source, meta, path)
+    return shards.from_maps(source, meta, path, target)
 
 
 def from_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> Any:

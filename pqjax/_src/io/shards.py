@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from pqjax._src.io import atomic, orbax, sources
@@ -42,9 +43,13 @@ def _arrays(source: sources.Source) -> dict[str, np.ndarray]:
   return {t.stored.name: source.view(t.stored) for t in source}
 
 
-def from_maps(source: sources.Source, meta: dict[str, Any], where: Path) -> Any:
-  """The pqjax tree of memory-mapped tensors: checked, then copied tensor by tensor."""
+def from_maps(
+  source: sources.Source, meta: dict[str, Any], where: Path, target: Any = None
+) -> Any:
+  """The pqjax tree of memory-mapped tensors: checked, then copied tensor by tensor
+  onto the device, or where ``target``'s leaves' shardings place them."""
   spec = check_metadata(meta, where)
+  places = _target_shardings(target, spec, where) if target is not None else {}
   tensors = _arrays(source)
   # An index's metadata also says its size (total_size, an int as transformers writes
   # it), which is not checksummed.
@@ -60,20 +65,40 @@ def from_maps(source: sources.Source, meta: dict[str, Any], where: Path) -> Any:
 
   def convert(x: np.ndarray) -> Any:
     # A host copy first: on CPU a device array may alias its host buffer.
-    out = as_jax(np.array(x))
-    if id(x) in stored:
-      source.release(stored[id(x)])
+    s = stored.get(id(x))
+    place = places.get(s.name) if s is not None else None
+    out = as_jax(np.array(x)) if place is None else jax.device_put(np.array(x), place)
+    if s is not None:
+      source.release(s)
     return out
 
   return unflatten(spec, tensors, where, convert=convert)
 
 
-def load(path: PathLike) -> Any:
-  """A pqjax checkpoint written as a folder of shards, bit for bit."""
+def _target_shardings(target: Any, spec: dict[str, Any], where: Path) -> dict[str, Any]:
+  """Each tensor's sharding in ``target``, a tree like the saved one (arrays or
+  ``jax.ShapeDtypeStruct`` leaves); CheckpointError where the trees differ."""
+  target_spec, leaves = flatten(orbax.reorder(target, spec))
+  if target_spec != spec:
+    raise CheckpointError(
+      f'{where}: target does not match the checkpoint at '
+      + orbax.spec_difference(spec, target_spec)
+      + ' (checkpoint vs target)'
+    )
+  return {
+    name: x.sharding
+    for name, x in leaves.items()
+    if getattr(x, 'sharding', None) is not None
+  }
+
+
+def load(path: PathLike, target: Any = None) -> Any:
+  """A pqjax checkpoint written as a folder of shards, bit for bit (placed by
+  ``target``'s shardings, as :func:`from_maps`)."""
   path = Path(path)
   stored, meta = sources.shard_files(path)
   with sources.Source(sources.flat_tensors(stored, sep=None), str(path)) as source:
-    return from_maps(source, meta, path)
+    return from_maps(source, meta, path, target)
 
 
 def read_float(path: Path) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 from pqjax._src.io.treespec import CheckpointError
 
 INDEX = 'model.safetensors.index.json'
-# safetensors' dtype names.
+# safetensors' dtype names; ml_dtypes gives NumPy the ones it lacks.
 DTYPES: dict[str, Any] = {
   'BOOL': np.bool_,
   'U8': np.uint8,
@@ -43,7 +43,11 @@ DTYPES: dict[str, Any] = {
   'BF16': ml_dtypes.bfloat16,
   'F32': np.float32,
   'F64': np.float64,
+  'C64': np.complex64,
+  'F8_E4M3': ml_dtypes.float8_e4m3fn,
+  'F8_E5M2': ml_dtypes.float8_e5m2,
 }
+DTYPE_NAMES = {np.dtype(t): name for name, t in DTYPES.items()}
 # Floating dtypes a source may quantize.
 FLOAT_DTYPES = frozenset(
   np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32)

@@ -28,7 +28,6 @@ from pqjax._src.io import sources
 from pqjax._src.io.treespec import dtype_name
 
 SHA_PLACEHOLDER = '0' * 64
-_NAMES = {np.dtype(t): name for name, t in sources.DTYPES.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +52,7 @@ def _header(
   offsets, offset = {}, 0
   for name, shape, dtype in entries:
     nbytes = math.prod(shape) * dtype.itemsize
-    kind = _NAMES.get(dtype)
+    kind = sources.DTYPE_NAMES.get(dtype)
     if kind is None:
       raise TypeError(f'{name}: arrays of dtype {dtype} cannot be saved in safetensors')
     head[name] = {
@@ -138,6 +137,33 @@ class Writer:
     done = 0
     while done < raw.size:
       done += os.pwrite(self._fds[slot.file], raw[done:].data, slot.offset + start + done)
+
+  def write_columns(self, name: str, x: np.ndarray, row: int, col: int) -> None:
+    """Writes the 2-D ``x`` at ``[row:, col:]`` of tensor ``name`` seen as a matrix
+    (its last axis by the others), a block of rows at a time through a map of the
+    file whose pages are handed back after each block (they stay in the page cache
+    until written out), so a tensor written by columns is never all resident."""
+    slot = self.slots[name]
+    n = slot.shape[-1]
+    if x.shape[1] == n:
+      self.write(name, x, start=row * n * slot.dtype.itemsize)
+      return
+    assert sys.byteorder == 'little', 'column writes assume a little-endian host'
+    fd = self._fds[slot.file]
+    m = mmap.mmap(fd, 0, access=mmap.ACCESS_WRITE)
+    try:
+      view = np.frombuffer(m, slot.dtype, slot.nbytes // slot.dtype.itemsize, slot.offset)
+      matrix = view.reshape(-1, n)
+      step = max(1, (32 << 20) // (n * slot.dtype.itemsize))
+      for r0 in range(0, x.shape[0], step):
+        r1 = min(x.shape[0], r0 + step)
+        matrix[row + r0 : row + r1, col : col + x.shape[1]] = x[r0:r1]
+        start = (slot.offset + (row + r0) * n * slot.dtype.itemsize) // mmap.PAGESIZE
+        end = slot.offset + (row + r1) * n * slot.dtype.itemsize
+        m.madvise(mmap.MADV_DONTNEED, start * mmap.PAGESIZE, end - start * mmap.PAGESIZE)
+      del view, matrix
+    finally:
+      m.close()
 
   def finish(self) -> str:
     """Computes the checksum, writes it and the index; returns the checksum."""
