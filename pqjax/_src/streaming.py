@@ -55,7 +55,7 @@ def _key_path(path: str) -> tuple[Any, ...]:
 
 @dataclasses.dataclass
 class _Reader:
-  """A leaf's values, whole or one tile column at a time, as float32 on the device."""
+  """A leaf's values, whole or a block at a time, on the device."""
 
   source: sources.Source
   working_set: int
@@ -238,22 +238,16 @@ def statistics(
 
 
 def _leaf_arrays(
-  reader: _Reader,
-  leaf: quantize.Leaf,
-  g: quantize.Group,
-  absmax: jax.Array,
-  alpha: jax.Array,
-  clip: jax.Array,
-  kinds: np.ndarray,
-  options: QuantizeOptions,
-  emit: Callable[[np.ndarray, int, int], None] | None = None,
+  reader: _Reader, p: _Planned, emit: Callable[[np.ndarray, int, int], None]
 ) -> tuple[Any, Any, Any, Any]:
   """A leaf's codes, scale values, uint8 steps and column scales (host arrays).
 
-  With ``emit``, a leaf read in parts hands its codes over part by part instead,
-  ``emit(codes, row, col)`` (their place in the leaf's codes seen as a matrix of
-  ``N`` columns), and its codes come back as None.
+  A leaf read in parts hands its codes over part by part instead, ``emit(codes,
+  row, col)`` (their place in the leaf's codes seen as a matrix of ``N`` columns),
+  and its codes come back as None.
   """
+  leaf, g, options = p.leaf, p.group, p.options
+  absmax, alpha, clip, kinds = p.absmax, p.alpha, p.clip, p.kinds
   b = g.blocks
   kwargs = dict(
     nk=b.nk,
@@ -277,62 +271,45 @@ def _leaf_arrays(
     )
     return tuple(np.asarray(x[0]) for x in e)  # type: ignore[return-value]
   # Stored rows are contiguous: blocks of them where they are the leaf's rows.
-  rows_stored = getattr(leaf.value, 'perm', None) is None
-  if emit and rows_stored and b.nk == 1 and options.clip_mode != 'block':
-    return _encode_rows(reader, leaf, g, absmax, alpha, clip, kinds, kwargs, emit)
+  if leaf.value.perm is None and b.nk == 1 and options.clip_mode != 'block':
+    return _encode_rows(reader, p, kwargs, emit)
   # Codes are packed along K and scales are per column: any columns encode alone,
-  # each into its place in arrays made once (no copies of the leaf's codes).
+  # their codes written at their place, their scales into arrays made once.
   width = reader.column_width(b.k, b.n)
   per_layer = packing.packed_rows(b.k, g.bits)
-  out: list[np.ndarray] = []
+  scales: list[np.ndarray] = []
   for layer in range(leaf.layer_count):
     for j in range(0, b.n, width):
       cols = slice(j, min(b.n, j + width))
       w = reader.columns(leaf.value, layer, b.k, cols)
       a = absmax[layer] if b.ncol == 1 else absmax[layer][..., cols]
-      part = [
+      codes, *part = (
         np.asarray(x)
         for x in _encode_columns(
           w, alpha[layer], clip[layer], a, jnp.asarray(kinds[layer]), **kwargs
         )
-      ]
-      if not out:
-        out = [
+      )
+      emit(codes, layer * per_layer, j)
+      if not scales:
+        scales = [
           np.empty(
-            (
-              leaf.layer_count,
-              *x.shape[:-1],
-              b.n if f == 0 or b.ncol != 1 else x.shape[-1],
-            ),
+            (leaf.layer_count, *x.shape[:-1], b.n if b.ncol != 1 else x.shape[-1]),
             x.dtype,
           )
-          if f or emit is None
-          else np.empty(0, x.dtype)
-          for f, x in enumerate(part)
+          for x in part
         ]
-      if emit is not None:
-        emit(part[0], layer * per_layer, j)
-      for f, x in enumerate(part):
-        # Codes always, scales too unless one scale serves every column.
-        if f == 0 and emit is not None:
-          continue
-        if f == 0 or b.ncol != 1:
-          out[f][layer, ..., cols] = x
+      for out, x in zip(scales, part):
+        # Per column, unless one scale serves every column.
+        if b.ncol != 1:
+          out[layer, ..., cols] = x
         elif j == 0:
-          out[f][layer] = x
-  if emit is not None:
-    out[0] = None  # type: ignore[call-overload]
-  return tuple(None if x is None else x.reshape(*leaf.layers, *x.shape[1:]) for x in out)  # type: ignore[return-value]
+          out[layer] = x
+  return (None, *(x.reshape(*leaf.layers, *x.shape[1:]) for x in scales))  # type: ignore[return-value]
 
 
 def _encode_rows(
   reader: _Reader,
-  leaf: quantize.Leaf,
-  g: quantize.Group,
-  absmax: jax.Array,
-  alpha: jax.Array,
-  clip: jax.Array,
-  kinds: np.ndarray,
+  p: _Planned,
   kwargs: dict[str, Any],
   emit: Callable[[np.ndarray, int, int], None],
 ) -> tuple[Any, Any, Any, Any]:
@@ -344,6 +321,7 @@ def _encode_rows(
   contiguous in the output. The leaf's codes are never held whole (the 128256 x 4096
   embedding's are 263 MB at 4 bits).
   """
+  leaf, g, alpha, clip, kinds = p.leaf, p.group, p.alpha, p.clip, p.kinds
   b = g.blocks
   unit = packing.codes_per_unit(g.bits)[0] * 8  # rows: whole bytes at every width
   step = max(unit, reader.working_set // (64 * b.n) // unit * unit)
@@ -356,7 +334,12 @@ def _encode_rows(
       codes, *scales = (
         np.asarray(x)
         for x in _encode_columns(
-          w, alpha[layer], clip[layer], absmax[layer], jnp.asarray(kinds[layer]), **kwargs
+          w,
+          alpha[layer],
+          clip[layer],
+          p.absmax[layer],
+          jnp.asarray(kinds[layer]),
+          **kwargs,
         )
       )
       emit(codes, layer * per_layer + packing.packed_rows(r0, g.bits), 0)
@@ -663,17 +646,7 @@ def _write_leaf(
   def emit(codes: np.ndarray, row: int, col: int) -> None:
     writer.write_columns(names['codes'], codes, row, col)
 
-  arrays = _leaf_arrays(
-    reader,
-    leaf,
-    g,
-    planned.absmax,
-    planned.alpha,
-    planned.clip,
-    planned.kinds,
-    planned.options,
-    emit,
-  )
+  arrays = _leaf_arrays(reader, planned, emit)
   streamed = arrays[0] is None
   if streamed:
     arrays = (planned.placeholder.codes, *arrays[1:])

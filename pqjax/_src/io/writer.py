@@ -12,8 +12,6 @@ when every tensor is written by reading them back in name order.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import mmap
@@ -25,23 +23,9 @@ from typing import Any
 import numpy as np
 
 from pqjax._src.io import sources
-from pqjax._src.io.treespec import dtype_name
+from pqjax._src.io.treespec import checksum
 
 SHA_PLACEHOLDER = '0' * 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Slot:
-  """Where a tensor goes: its file, and its data's offset in that file."""
-
-  file: str
-  offset: int
-  shape: tuple[int, ...]
-  dtype: np.dtype
-
-  @property
-  def nbytes(self) -> int:
-    return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _header(
@@ -104,7 +88,7 @@ class Writer:
           size = 0
         shards[-1].append(entry)
         size += nbytes
-    self.slots: dict[str, Slot] = {}
+    self.slots: dict[str, sources.Stored] = {}
     self.files: list[Path] = []
     self._sha_at = 0
     for i, shard in enumerate(shards):
@@ -122,8 +106,8 @@ class Writer:
         f.truncate(end)
       self.files.append(file)
       for name, shape, dtype in shard:
-        self.slots[name] = Slot(file.name, offsets[name], shape, dtype)
-    self._fds = {f.name: os.open(f, os.O_RDWR) for f in self.files}
+        self.slots[name] = sources.Stored(file, name, shape, dtype, offsets[name])
+    self._fds = {f: os.open(f, os.O_RDWR) for f in self.files}
 
   def write(self, name: str, x: Any, start: int = 0) -> None:
     """Writes ``x``'s bytes into tensor ``name`` from byte ``start`` of its data."""
@@ -171,11 +155,11 @@ class Writer:
       os.fsync(fd)
     digest = self._checksum()
     if self.single:
-      os.pwrite(self._fds[self.path.name], digest.encode(), self._sha_at)
+      os.pwrite(self._fds[self.path], digest.encode(), self._sha_at)
     else:
       index = {
         'metadata': {**self.meta, 'sha256': digest, 'total_size': self.total},
-        'weight_map': {name: s.file for name, s in sorted(self.slots.items())},
+        'weight_map': {name: s.file.name for name, s in sorted(self.slots.items())},
       }
       (self.path / sources.INDEX).write_text(json.dumps(index, indent=1) + '\n')
     for fd in self._fds.values():
@@ -189,29 +173,17 @@ class Writer:
     return sum(s.nbytes for s in self.slots.values())
 
   def _checksum(self) -> str:
-    """:func:`treespec.checksum` of what was written, read back in name order."""
+    """:func:`treespec.checksum` of what was written, read back through memory maps
+    whose pages are handed back after each tensor."""
     fields = {k: v for k, v in self.meta.items() if k != 'sha256'}
-    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
-    folder = self.path.parent if self.single else self.path
-    maps: dict[str, mmap.mmap] = {}
-    try:
-      for name in sorted(self.slots):
-        s = self.slots[name]
-        h.update(f'\0{name}\0{dtype_name(s.dtype)}\0{list(s.shape)}\0'.encode())
-        if not s.nbytes:
-          continue
-        if s.file not in maps:
-          with open(folder / s.file, 'rb') as f:
-            maps[s.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        m = maps[s.file]
-        for at in range(0, s.nbytes, 64 << 20):
-          h.update(m[s.offset + at : s.offset + min(s.nbytes, at + (64 << 20))])
-        start = s.offset // mmap.PAGESIZE * mmap.PAGESIZE
-        m.madvise(mmap.MADV_DONTNEED, start, s.offset + s.nbytes - start)
-    finally:
-      for m in maps.values():
-        m.close()
-    return h.hexdigest()
+    with sources.Source(
+      sources.flat_tensors(self.slots, sep=None), str(self.path)
+    ) as src:
+      views = {name: src.view(s) for name, s in self.slots.items()}
+      try:
+        return checksum(fields, views, lambda name: src.release(self.slots[name]))
+      finally:
+        del views  # the maps close once nothing views them
 
   def abort(self) -> None:
     for fd in self._fds.values():
