@@ -1,5 +1,6 @@
 """pqjax: data-free power quantization (PowerQuant) of JAX parameter pytrees."""
 
+from pqjax import nnx as nnx
 from pqjax._src.core.leaves import path_str as path_str
 from pqjax._src.core.qarray import QArray as QArray
 from pqjax._src.core.qarray import dequantize as dequantize
@@ -45,6 +46,7 @@ __all__ = (
   'load_safetensors',
   'native_status',
   'nbytes',
+  'nnx',
   'path_str',
   'quantize',
   'quantize_checkpoint',

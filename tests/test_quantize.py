@@ -129,6 +129,46 @@ def test_non_float_leaf_forced_by_filter_is_named():
     pqjax.quantize({'step': 3}, 4, filter=lambda path, leaf: True)
 
 
+def test_quantized_tree_is_refused_by_leaf_path():
+  params_q, _ = pqjax.quantize(_params(), 4)
+  with pytest.raises(ValueError, match=r'^conv/kernel: already quantized'):
+    pqjax.quantize(params_q, 4)
+  with pytest.raises(ValueError, match=r'^dense/kernel: already quantized'):
+    pqjax.quantize(params_q, 8, filter=lambda path, leaf: path.startswith('dense/'))
+  # A filter may leave the quantized leaves out and quantize the rest.
+  partial, _ = pqjax.quantize(_params(), 4, filter=lambda path, leaf: path == 'half')
+  both, alphas = pqjax.quantize(partial, 8, filter=lambda path, leaf: path == 'embed')
+  assert both['half'] is partial['half'] and alphas['half'] is None
+  assert both['embed'].bits == 8
+  assert set(pqjax.quantized_leaves(both)) == {'embed', 'half'}
+
+
+NOT_BOOL = 'the filter must return a bool, got '
+
+
+@pytest.mark.parametrize(
+  ('filter_fn', 'error', 'match'),
+  [
+    (lambda path, leaf: 1 / 0, ValueError, 'the filter raised ZeroDivisionError'),
+    (lambda path, leaf: {}[path], ValueError, 'the filter raised KeyError'),
+    (lambda path, leaf: np.ones(3) > 0, TypeError, NOT_BOOL + 'ndarray'),
+    (lambda path, leaf: jnp.array(True), TypeError, NOT_BOOL + '.*Array'),
+    (lambda path, leaf: 'yes', TypeError, NOT_BOOL + "str 'yes'"),
+    (lambda path, leaf: None, TypeError, NOT_BOOL + 'NoneType'),
+  ],
+)
+def test_filter_errors_name_the_leaf(filter_fn, error, match):
+  with pytest.raises(error, match=r'^conv/kernel: ' + match):
+    pqjax.quantize(_params(), 4, filter=filter_fn)
+
+
+def test_filter_may_return_a_numpy_bool():
+  params_q, _ = pqjax.quantize(
+    _params(), 4, filter=lambda path, leaf: np.size(leaf) > np.int64(600)
+  )
+  assert set(pqjax.quantized_leaves(params_q)) == {'embed'}
+
+
 def test_group_size_that_does_not_divide_k_leaves_a_shorter_last_block():
   params_q, _ = pqjax.quantize({'conv': _params()['conv']}, 4, granularity=5)
   q = params_q['conv']['kernel']
@@ -223,6 +263,21 @@ def test_quantized_tree_works_with_jax_tree_utilities():
       shape=q.shape,
       dtype=q.dtype,
     )
+
+
+@pytest.mark.parametrize('dtype', ['bool', 'uint8', 'int32', 'complex64', 'int4'])
+def test_qarray_dtype_must_be_floating(dtype):
+  q = pqjax.quantize(_params(), 4)[0]['dense']['kernel']
+  fields = {f: getattr(q, f) for f in ('codes', 'scale', 'alpha', 'table')}
+  dtype = jnp.dtype(dtype)
+  with pytest.raises(ValueError, match=f'dtype {dtype.name} is not a floating dtype'):
+    pqjax.QArray(**fields, bits=4, shape=q.shape, dtype=dtype)
+  for name in ('alpha', 'table'):
+    bad = {**fields, name: fields[name].astype(jnp.int32)}
+    with pytest.raises(ValueError, match=f'{name} dtype int32 is not float32'):
+      pqjax.QArray(**bad, bits=4, shape=q.shape, dtype=q.dtype)
+  for ok in (jnp.float32, jnp.float16, jnp.bfloat16, np.float64):
+    assert pqjax.QArray(**fields, bits=4, shape=q.shape, dtype=ok).dtype == ok
 
 
 def test_error_shrinks_with_bits():

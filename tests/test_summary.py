@@ -170,3 +170,27 @@ def test_stacked_layers():
   # Trees without stacked layers keep the table as it was.
   flat_lines = pqjax.summary({'w': params_q['w']}).format().splitlines()
   assert 'layers' not in flat_lines[0]
+
+
+def test_relative_error_checks_its_arguments():
+  rng = np.random.default_rng(1)
+  params = {
+    'enc': {'kernel': rng.standard_normal((16, 8)).astype(np.float32)},
+    'emb': [rng.standard_normal((30, 7)).astype(np.float32)],
+    'ids': np.arange(6, dtype=np.int32),
+  }
+  q, _ = pqjax.quantize(params, 4)
+  assert 0 < pqjax.relative_error(params, q) < 0.1
+  for first, second in ((q, params), (q, q)):
+    with pytest.raises(ValueError, match=r'first argument .* emb/0 is a QArray'):
+      pqjax.relative_error(first, second)
+  short = {**params, 'emb': [params['emb'][0][:1]]}
+  with pytest.raises(ValueError, match=r'^emb/0: shape \(1, 7\) .* \(30, 7\)'):
+    pqjax.relative_error(short, q)
+  fewer = {k: v for k, v in params.items() if k != 'ids'}
+  with pytest.raises(ValueError, match=r'different structures.* ids'):
+    pqjax.relative_error(fewer, q)
+  with pytest.raises(ValueError, match=r'different structures'):
+    pqjax.relative_error({'a': params['emb'][0]}, {'b': q['emb'][0]})
+  with pytest.raises(ValueError, match=r'^emb/0: .* not a float array'):
+    pqjax.relative_error({**params, 'emb': ['x']}, q)

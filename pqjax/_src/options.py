@@ -21,6 +21,9 @@ ScaleDtype = Literal['auto'] | type[np.floating] | np.dtype | str
 # The leading axes of a leaf that index stacked layers: one count for every leaf, or
 # ``layer_axes(path, leaf) -> int``.
 LayerAxes = int | Callable[[str, Any], int]
+# Which axis of a leaf holds its output features: -1 (Flax's ``(in, out)``
+# kernels), -2 (PyTorch's ``(out, in)`` weights), or ``output_axis(path, leaf)``.
+OutputAxis = Literal[-1, -2] | Callable[[str, Any], int]
 # How much a leaf's error matters under a bit budget: ``importance(path, leaf)``.
 Importance = Callable[[str, Any], float]
 
@@ -140,6 +143,15 @@ def check_layer_axes(layer_axes: object) -> LayerAxes:
   return count
 
 
+def ask(what: str, fn: Callable[[str, Any], Any], path: str, leaf: Any) -> Any:
+  """``fn(path, leaf)`` for a per-leaf option (``what``: "the filter"...); what it
+  raises, as a ValueError naming the leaf."""
+  try:
+    return fn(path, leaf)
+  except Exception as e:
+    raise ValueError(f'{path}: {what} raised {type(e).__name__}: {e}') from e
+
+
 def leaf_layer_axes(layer_axes: LayerAxes, path: str, leaf: Any) -> int:
   """How many leading axes of the selected ``leaf`` index layers; ValueError if bad.
 
@@ -147,12 +159,7 @@ def leaf_layer_axes(layer_axes: LayerAxes, path: str, leaf: Any) -> int:
   count is at most ``leaf.ndim - 2``; 0 (a single matrix) fits every leaf.
   """
   if callable(layer_axes):
-    try:
-      got = layer_axes(path, leaf)
-    except Exception as e:
-      raise ValueError(
-        f'{path}: the layer_axes function raised {type(e).__name__}: {e}'
-      ) from e
+    got = ask('the layer_axes function', layer_axes, path, leaf)
     count = _as_count(got)
     if count is None:
       raise ValueError(
@@ -167,6 +174,42 @@ def leaf_layer_axes(layer_axes: LayerAxes, path: str, leaf: Any) -> int:
       f' shape {tuple(leaf.shape)}; use at most {max(ndim - 2, 0)} for it'
     )
   return count
+
+
+def check_output_axis(output_axis: object) -> OutputAxis:
+  """-1, -2, or a function ``(path, leaf) -> -1 or -2`` checked per leaf."""
+  if callable(output_axis):
+    return output_axis
+  if output_axis in (-1, -2) and not isinstance(output_axis, bool):
+    return -1 if output_axis == -1 else -2
+  raise ValueError(
+    "output_axis must be -1 (the last axis), -2 (PyTorch's (out, in)) or a function"
+    f' (path, leaf) -> -1 or -2, got {output_axis!r}'
+  )
+
+
+def leaf_output_axis(
+  output_axis: OutputAxis, path: str, leaf: Any, layer_axes: int
+) -> Literal[-1, -2]:
+  """The output axis of the selected ``leaf``; ValueError if it cannot be one.
+
+  -2 needs exactly two axes per layer: the scales then run along the leaf's
+  second-to-last axis, and products contracting its last one read the codes.
+  """
+  if callable(output_axis):
+    got = ask('the output_axis function', output_axis, path, leaf)
+    if isinstance(got, bool) or got not in (-1, -2):
+      raise ValueError(
+        f'{path}: the output_axis function must return -1 or -2, got {got!r}'
+      )
+  else:
+    got = output_axis
+  if got == -2 and len(leaf.shape) - layer_axes != 2:
+    raise ValueError(
+      f'{path}: output_axis -2 needs two axes per layer (out, in), got shape'
+      f' {tuple(leaf.shape)} with layer_axes {layer_axes}'
+    )
+  return -1 if got == -1 else -2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -211,6 +254,10 @@ class QuantizeOptions:
   # Leading axes of a leaf that index stacked layers (scan, vmap), each layer with
   # its own exponent, clip ratio and scales: an int, or a function (path, leaf) -> int.
   layer_axes: LayerAxes = 0
+  # The axis of a leaf holding its output features, which get one scale each: -1
+  # (Flax kernels, ``(in, out)``), -2 (PyTorch's ``(out, in)``: such a QArray is
+  # ``transposed``), or a function (path, leaf) -> -1 or -2.
+  output_axis: OutputAxis = -1
 
   def __post_init__(self) -> None:
     set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -224,6 +271,7 @@ class QuantizeOptions:
     check_clip(self.clip)
     check_scale_dtype(self.scale_dtype)
     set_('layer_axes', check_layer_axes(self.layer_axes))
+    set_('output_axis', check_output_axis(self.output_axis))
     if self.filter is not None and not callable(self.filter):
       raise TypeError(
         f'filter must be a function (path, leaf) -> bool, got {self.filter!r}'

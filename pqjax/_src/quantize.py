@@ -28,9 +28,14 @@ import numpy as np
 from pqjax._src import budget, encoding, sharding
 from pqjax._src.core import grid, qarray
 from pqjax._src.core.blocks import Blocks, blocks_for
-from pqjax._src.core.leaves import default_filter, is_float_array, path_str
+from pqjax._src.core.leaves import Filter, default_filter, is_float_array, path_str
 from pqjax._src.core.qarray import QArray
-from pqjax._src.options import QuantizeOptions, leaf_layer_axes
+from pqjax._src.options import (
+  QuantizeOptions,
+  ask,
+  leaf_layer_axes,
+  leaf_output_axis,
+)
 from pqjax._src.search import fit, stats
 from pqjax._src.search.config import Plan, SearchConfig
 
@@ -45,12 +50,21 @@ class Leaf(NamedTuple):
   """A selected leaf: its position among the flattened leaves, its path and value.
 
   Its first ``layer_axes`` axes index stacked layers, each quantized on its own.
+  ``value`` has the output features last; ``transposed`` says the tree holds it
+  with its last two axes swapped (PyTorch's ``(out, in)``).
   """
 
   position: int
   path: str
   value: Any
   layer_axes: int = 0
+  transposed: bool = False
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The leaf's shape in the tree."""
+    shape = tuple(self.value.shape)
+    return (*shape[:-2], shape[-1], shape[-2]) if self.transposed else shape
 
   @property
   def layers(self) -> tuple[int, ...]:
@@ -146,27 +160,53 @@ def _check_concrete(name: str, leaf: Any) -> None:
     )
 
 
+def _selected(filter_fn: Filter | None, name: str, leaf: Any) -> bool:
+  """Whether ``leaf`` is picked: by the filter, checked, or by the default.
+
+  A :class:`QArray` is picked unless a filter leaves it out, so that quantizing a
+  quantized tree is refused rather than quantizing its scales.
+  """
+  if filter_fn is None:
+    return isinstance(leaf, QArray) or default_filter(name, leaf)
+  got = ask('the filter', filter_fn, name, leaf)
+  # An array's truth is ambiguous or silently elementwise: only a bool is an answer.
+  if not isinstance(got, (bool, np.bool_)):
+    raise TypeError(
+      f'{name}: the filter must return a bool, got {type(got).__name__} {got!r:.40}'
+    )
+  return bool(got)
+
+
 def select(flat: Sequence[tuple[Any, Any]], options: QuantizeOptions) -> list[Leaf]:
   """The leaves to quantize, in tree order, with their layer axes.
 
-  TypeError for a non-float forced in; ValueError for layer axes that do not fit.
-  Leaves with no elements hold no weights: they stay as they are.
+  TypeError for a non-float forced in or a filter answering other than a bool;
+  ValueError for a QArray picked, a filter that raises, or layer axes that do not
+  fit. Leaves with no elements hold no weights: they stay as they are.
   """
   chosen = []
   for i, (path, leaf) in enumerate(flat):
     name = path_str(path)
-    if options.filter is None:
-      if not default_filter(name, leaf):
-        continue
-    elif not options.filter(name, leaf):
+    if not _selected(options.filter, name, leaf):
       continue
-    elif not is_float_array(leaf):
+    if isinstance(leaf, QArray):
+      raise ValueError(
+        f'{name}: already quantized (a QArray); quantize the float parameters, or'
+        ' pass a filter that leaves the quantized leaves out'
+      )
+    if not is_float_array(leaf):
       kind = getattr(leaf, 'dtype', type(leaf).__name__)
       raise TypeError(f'{name}: only floating arrays can be quantized, got {kind}')
     if 0 in tuple(leaf.shape):
       continue
     _check_concrete(name, leaf)
-    chosen.append(Leaf(i, name, leaf, leaf_layer_axes(options.layer_axes, name, leaf)))
+    layer_axes = leaf_layer_axes(options.layer_axes, name, leaf)
+    if leaf_output_axis(options.output_axis, name, leaf, layer_axes) == -2:
+      # The copy (a view for NumPy leaves and streamed tensors) lays out what is
+      # quantized; the output keeps the leaf's own shape, marked transposed.
+      chosen.append(Leaf(i, name, leaf.swapaxes(-1, -2), layer_axes, True))
+    else:
+      chosen.append(Leaf(i, name, leaf, layer_axes))
   return chosen
 
 
@@ -220,9 +260,7 @@ def check_finite(groups: Sequence[Group], group_stats: Sequence[GroupStats]) -> 
     if bad.size:
       leaf, index = g.owner(int(bad[0]))
       where = f' (layer {index if len(index) > 1 else index[0]})' if index else ''
-      raise ValueError(
-        f'{leaf.path}: leaf of shape {tuple(leaf.value.shape)} holds NaN or Inf{where}'
-      )
+      raise ValueError(f'{leaf.path}: leaf of shape {leaf.shape} holds NaN or Inf{where}')
 
 
 def layer_exponents(group_stats: Sequence[GroupStats]) -> jax.Array:
@@ -264,16 +302,13 @@ def _importance(leaf: Leaf, options: QuantizeOptions) -> float:
   """The leaf's importance: the option's, checked, or the default."""
   if options.importance is None:
     return budget.default_importance(leaf.path, leaf.value, leaf.layer_count)
+  got = ask('the importance function', options.importance, leaf.path, leaf.value)
   try:
-    value = float(options.importance(leaf.path, leaf.value))
-  except Exception as e:
-    raise ValueError(
-      f'{leaf.path}: the importance function raised {type(e).__name__}: {e}'
-    ) from e
+    value = float(got)
+  except (TypeError, ValueError):
+    value = math.nan
   if not (math.isfinite(value) and value >= 0):
-    raise ValueError(
-      f'{leaf.path}: importance must be a finite number >= 0, got {value!r}'
-    )
+    raise ValueError(f'{leaf.path}: importance must be a finite number >= 0, got {got!r}')
   return value
 
 
@@ -744,9 +779,10 @@ def leaf_qarray(
     alpha=sharding.place(jnp.asarray(alpha), where),
     table=sharding.place(jnp.asarray(table.reshape(*leaf.layers, levels)), where),
     bits=bits,
-    shape=tuple(leaf.value.shape),
+    shape=leaf.shape,
     dtype=np.dtype(leaf.value.dtype),
     layer_axes=leaf.layer_axes,
+    transposed=leaf.transposed,
   )
 
 
@@ -854,6 +890,13 @@ def quantize(
         leaf, or a function ``(path, leaf) -> int``. Each layer gets its own
         exponent, clip ratio and scales, exactly as if the layers were separate
         leaves; the leaf stays one :class:`QArray`. Default 0: a leaf is one layer.
+      - ``output_axis``: the axis holding a leaf's output features, which get one
+        scale each: -1 (default; Flax kernels ``(in, out)``), -2 (PyTorch's
+        ``(out, in)`` Linear and Embedding weights; needs two axes per layer), or
+        a function ``(path, leaf) -> -1 or -2``. A -2 leaf is quantized as its
+        transpose and stored as a ``transposed`` :class:`QArray` of its own shape,
+        whose products over its last axis (``x @ W.T``) read the codes as a
+        Flax kernel's do.
 
   Returns:
     ``(params_q, alphas)``: ``params`` with each selected leaf replaced by a
@@ -871,7 +914,8 @@ def quantize(
       ``eval_shape``).
   """
   opts = QuantizeOptions(bits=bits, **options)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  # QArrays are leaves here, so the filter sees them whole (and select refuses them).
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=qarray.is_qarray)
   groups = group(select(flat, opts), opts)
   # Every program runs in 32 bits whatever jax_enable_x64 says, so results do not
   # depend on it.

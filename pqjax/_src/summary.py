@@ -29,15 +29,19 @@ def nbytes(tree: Any) -> int:
 
 
 def relative_error(params: Any, params_q: Any) -> float:
-  """``sum ||W - W_hat||^2 / sum ||W||^2`` over the quantized leaves."""
-  pairs = [
-    (w, q)
-    for w, q in zip(
-      jax.tree_util.tree_leaves(params),
-      jax.tree_util.tree_leaves(params_q, is_leaf=is_qarray),
-    )
-    if isinstance(q, QArray)
-  ]
+  """``sum ||W - W_hat||^2 / sum ||W||^2`` over the quantized leaves.
+
+  Args:
+    params: the float parameters (no :class:`QArray`).
+    params_q: the same tree with some leaves quantized, as :func:`pqjax.quantize`
+      returns it.
+
+  Raises:
+    ValueError: the trees differ in structure, ``params`` holds a QArray (the
+      arguments are swapped), or a quantized leaf's float counterpart is not a float
+      array of its shape; each names the leaf.
+  """
+  pairs = [(w, q) for _, w, q in _leaf_pairs(params, params_q) if isinstance(q, QArray)]
   if not pairs:
     return 0.0
   num = den = 0.0
@@ -48,6 +52,36 @@ def relative_error(params: Any, params_q: Any) -> float:
     num += float(np.sum(np.square(w64 - np.asarray(q.dequantize(), np.float64))))
     den += float(np.sum(np.square(w64)))
   return num / den if den else 0.0
+
+
+def _leaf_pairs(params: Any, params_q: Any) -> list[tuple[str, Any, Any]]:
+  """``(path, w, q)`` for each leaf of the two trees, checked to correspond."""
+  flat = jax.tree_util.tree_leaves_with_path(params, is_leaf=is_qarray)
+  flat_q = jax.tree_util.tree_leaves_with_path(params_q, is_leaf=is_qarray)
+  names = [path_str(p) for p, _ in flat]
+  names_q = [path_str(p) for p, _ in flat_q]
+  if names != names_q:
+    only = sorted(set(names) ^ set(names_q)) or names
+    raise ValueError(
+      'relative_error: params and params_q have different structures (leaves not in'
+      f' both, or in another order: {", ".join(only[:5])})'
+    )
+  out = []
+  for name, (_, w), (_, q) in zip(names, flat, flat_q):
+    if isinstance(w, QArray):
+      raise ValueError(
+        f'relative_error: the first argument must be the float parameters, but {name}'
+        ' is a QArray; call relative_error(params, params_q)'
+      )
+    if isinstance(q, QArray) and not is_float_array(w):
+      raise ValueError(f'{name}: {type(w).__name__} is not a float array')
+    # Broadcasting would silently compare a slice against the whole leaf.
+    if is_array(w) and is_array(q) and tuple(w.shape) != tuple(q.shape):
+      raise ValueError(
+        f'{name}: shape {tuple(w.shape)} in params, {tuple(q.shape)} in params_q'
+      )
+    out.append((name, w, q))
+  return out
 
 
 # --- summary table -----------------------------------------------------------------

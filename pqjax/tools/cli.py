@@ -191,14 +191,18 @@ def _report(args: argparse.Namespace) -> int:
   return 0
 
 
-def _streams(path: str) -> bool:
-  """Whether a checkpoint is read tensor by tensor: safetensors files and folders."""
+def _streams(path: str, out: str, fmt: str | None) -> bool:
+  """Whether a checkpoint is read tensor by tensor: safetensors files and folders,
+  and Orbax folders written to safetensors (an Orbax output is written whole)."""
   p = Path(path)
   if p.suffix == '.safetensors' and p.is_file():
     return True
-  return p.is_dir() and (
-    (p / 'model.safetensors.index.json').exists() or any(p.glob('*.safetensors'))
-  )
+  if not p.is_dir():
+    return False
+  if (p / '_METADATA').exists() or (p / 'pqjax.json').exists():
+    named = fmt is None and out.endswith('.safetensors')
+    return fmt in ('shards', 'safetensors') or named
+  return (p / 'model.safetensors.index.json').exists() or any(p.glob('*.safetensors'))
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -207,9 +211,16 @@ def _quantize(args: argparse.Namespace) -> int:
   import pqjax
 
   out = args.output
-  stream = _streams(args.input) and args.format != 'orbax'
+  stream = _streams(args.input, out, args.format) and args.format != 'orbax'
   default = 'shards' if stream else 'orbax'
   fmt = args.format or ('safetensors' if out.endswith('.safetensors') else default)
+  # Refused before quantizing rather than after (pqjax.save refuses it too): a
+  # .safetensors name is read back as one file, and these formats write folders.
+  if fmt in ('orbax', 'shards') and Path(out).suffix == '.safetensors':
+    return _error(
+      f'{out}: a .safetensors name is read as a safetensors file, but --format'
+      f' {fmt} writes a folder; name it without that suffix'
+    )
   if os.path.lexists(out) and not args.force:
     return _error(f'{out} exists; pass --force to overwrite it', EXIT_EXISTS)
   if os.path.isdir(out) and not os.path.islink(out) and not _replaceable_dir(out):
@@ -311,9 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     ' (never whole in memory) and written as a folder of shards (or one'
     ' .safetensors file); a Hugging Face folder becomes the parameter tree of its'
     ' transformers Flax class (kernels transposed from PyTorch weights, one scale'
-    ' per output feature) unless --layout none. An Orbax directory or a flax'
-    ' .msgpack file is read whole. Channels are the last axis. Other leaves pass'
-    ' through untouched.',
+    ' per output feature) unless --layout none or --layout torch (names and'
+    ' layouts as stored, 2-D weights as (out, in)). An Orbax directory is read'
+    ' tensor by tensor too when written as safetensors (--format shards or a'
+    ' .safetensors output), else whole, as a flax .msgpack file is. Other leaves'
+    ' pass through untouched.',
   )
   p.add_argument(
     'input',
@@ -327,9 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     '--layout',
-    choices=('auto', 'none'),
+    choices=('auto', 'none', 'torch'),
     default='auto',
-    help="auto: a Hugging Face folder in its Flax model's layout; none: as stored",
+    help="auto: a Hugging Face folder in its Flax model's layout; none: as stored,"
+    ' output features last; torch: as stored, 2-D weights (out, in) with one scale'
+    ' per output feature',
   )
   p.add_argument(
     '--bits',

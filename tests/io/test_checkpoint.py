@@ -348,6 +348,80 @@ def test_metadata_that_lies_about_tensors(tmp_path, saved):
     pqjax.load_safetensors(tmp_path / 'bad.safetensors')
 
 
+def _nested(tree_json, levels):
+  """A tree spec wrapping ``tree_json`` in ``levels`` dicts (json.dumps would recurse)."""
+  return '{"type":"dict","keys":["a"],"values":[' * levels + tree_json + ']}' * levels
+
+
+@pytest.mark.parametrize('levels', [900, 20_000])
+def test_deeply_nested_metadata_is_refused(tmp_path, saved, levels):
+  path, _ = _load_bytes(tmp_path, saved, 'good.safetensors')
+  tensors, meta = safetensors.read(path)
+  tree_json = _nested(meta['tree'], levels)
+  deep = tmp_path / 'deep.safetensors'
+  _rewrite(
+    path,
+    deep,
+    tree=tree_json,
+    sha256=treespec.checksum({**meta, 'tree': tree_json}, tensors),
+  )
+  with pytest.raises(CheckpointError, match=f'{deep}: .*nests too deeply'):
+    pqjax.load(deep)
+  pqjax.save_orbax(tmp_path / 'o', {'w': jnp.ones(2)})
+  meta_file = tmp_path / 'o' / 'pqjax.json'
+  orbax_meta = json.loads(meta_file.read_text())
+  tree_json = _nested(orbax_meta['tree'], levels)
+  meta_file.write_text(json.dumps({**orbax_meta, 'tree': tree_json}))
+  with pytest.raises(CheckpointError, match=f'{tmp_path / "o"}: .*nests too deeply'):
+    pqjax.load(tmp_path / 'o')
+
+
+def test_deeply_nested_header_is_refused(tmp_path):
+  header = b'{"a":' * 5000 + b'1' + b'}' * 5000
+  data = len(header).to_bytes(8, 'little') + header
+  path, load = _load_bytes(tmp_path, data)
+  with pytest.raises(CheckpointError, match=str(path)):
+    load()
+  (tmp_path / 'o').mkdir()
+  (tmp_path / 'o' / 'pqjax.json').write_bytes(header)
+  with pytest.raises(CheckpointError, match=str(tmp_path / 'o')):
+    pqjax.load_orbax(tmp_path / 'o')
+
+
+def test_tree_too_deep_to_load_is_not_saved(tmp_path):
+  tree = {'w': np.ones(2, np.float32)}
+  for _ in range(treespec.MAX_DEPTH):
+    tree = {'a': tree}
+  with pytest.raises(ValueError, match='nests deeper than'):
+    pqjax.save_safetensors(tmp_path / 'deep.safetensors', tree)
+  assert not os.path.exists(tmp_path / 'deep.safetensors')
+  pqjax.save_safetensors(tmp_path / 'ok.safetensors', tree['a'])
+  assert pqjax.load(tmp_path / 'ok.safetensors')['a']['a']['a'] is not None
+
+
+@pytest.mark.parametrize('dtype', ['bool', 'uint8', 'complex64', 'int4'])
+def test_qarray_with_a_non_float_dtype_is_refused(tmp_path, dtype):
+  w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+  path = tmp_path / 'good.safetensors'
+  pqjax.save_safetensors(path, {'enc': {'w': pqjax.quantize({'w': w}, 4)[0]['w']}})
+  tensors, meta = safetensors.read(path)
+  spec = json.loads(meta['tree'])
+  spec['values'][0]['values'][0]['dtype'] = dtype
+  tree_json = json.dumps(spec)
+  # The checksum anyone can recompute: the QArray's own checks must refuse it.
+  bad = tmp_path / 'bad.safetensors'
+  _rewrite(
+    path,
+    bad,
+    tree=tree_json,
+    sha256=treespec.checksum({**meta, 'tree': tree_json}, tensors),
+  )
+  with pytest.raises(
+    CheckpointError, match=f"{bad}: .*QArray 'enc/w': dtype {dtype} is not a floating"
+  ):
+    pqjax.load(bad)
+
+
 def test_broken_orbax_directories(tmp_path):
   pqjax.save_orbax(tmp_path / 'o', {'w': jnp.ones((4, 4))})
   with pytest.raises(CheckpointError, match='not a directory'):

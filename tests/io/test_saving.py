@@ -144,3 +144,16 @@ def test_typed_prng_key_is_named(tmp_path):
   # Its raw data saves.
   tree['drop']['rngs']['key'] = jax.random.key_data(tree['drop']['rngs']['key'])
   pqjax.save_safetensors(tmp_path / 'a.safetensors', tree)
+
+
+@pytest.mark.parametrize('fmt', ['orbax', 'shards'])
+def test_folder_format_under_a_safetensors_name_is_refused(tmp_path, fmt):
+  path = tmp_path / 'q.safetensors'
+  with pytest.raises(
+    ValueError, match=rf'q.safetensors: .*format={fmt!r} writes a folder'
+  ):
+    pqjax.save(path, _tree(0), format=fmt)
+  assert not os.path.lexists(path)
+  # Other names in these formats load back.
+  pqjax.save(tmp_path / 'q', _tree(0), format=fmt)
+  assert pqjax.load(tmp_path / 'q')['seed'] == 0

@@ -67,11 +67,12 @@ def _assert_identical(got, want) -> None:
     where = jax.tree_util.keystr(path)
     assert type(x) is type(y), where
     if is_qarray(y):
-      assert (x.bits, x.shape, x.dtype, x.layer_axes) == (
+      assert (x.bits, x.shape, x.dtype, x.layer_axes, x.transposed) == (
         y.bits,
         y.shape,
         y.dtype,
         y.layer_axes,
+        y.transposed,
       ), where
       for f in FIELDS:
         a, b = getattr(x, f), getattr(y, f)
@@ -235,6 +236,34 @@ def test_an_already_quantized_checkpoint_is_refused(folder, tmp_path):
   pqjax.quantize_checkpoint(src, tmp_path / 'q.safetensors', bits=4)
   with pytest.raises(pqjax.CheckpointError, match='already quantized'):
     pqjax.quantize_checkpoint(tmp_path / 'q.safetensors', tmp_path / 'again', bits=4)
+
+
+@pytest.mark.parametrize('kind', ['orbax', 'pqjax orbax'])
+def test_orbax_float_checkpoints_stream(folder, tmp_path, kind):
+  """An Orbax float checkpoint (saved by Orbax, or by pqjax.save) streams to what
+  in-memory quantize gives, read whole or a tile at a time; a quantized one is
+  refused."""
+  import orbax.checkpoint as ocp
+
+  _, tree = folder
+  src = tmp_path / 'src'
+  if kind == 'orbax':
+    ocp.PyTreeCheckpointer().save(src, tree)
+  else:
+    pqjax.save(src, tree, format='orbax')
+  want = pqjax.quantize(tree, bits=3, granularity=32)[0]
+  for working_set in (1 << 30, 1 << 12):
+    out = tmp_path / f'out-{working_set}'
+    pqjax.quantize_checkpoint(src, out, bits=3, granularity=32, working_set=working_set)
+    _assert_identical(pqjax.load(out), want)
+  from pqjax.tools.cli import main
+
+  argv = ['quantize', str(src), str(tmp_path / 'cli'), '--bits', '3']
+  assert main([*argv, '--format', 'shards', '--granularity', '32']) == 0
+  _assert_identical(pqjax.load(tmp_path / 'cli'), want)
+  pqjax.save(tmp_path / 'q', want, format='orbax')
+  with pytest.raises(pqjax.CheckpointError, match='already quantized'):
+    pqjax.quantize_checkpoint(tmp_path / 'q', tmp_path / 'again', bits=4)
 
 
 def test_nan_names_the_tensor(tmp_path):
@@ -454,13 +483,35 @@ def test_hugging_face_layouts_follow_transformers(tmp_path, arch):
   for folder in (sharded, single):
     config.save_pretrained(folder)
   reference = cls.from_pretrained(single, from_pt=True).params
-  want = pqjax.quantize(reference, bits=4)[0]
+  want = pqjax.quantize(reference, bits=4, output_axis=_gpt2_output_axis)[0]
   pqjax.quantize_checkpoint(sharded, tmp_path / 'out', bits=4)
-  _assert_identical(pqjax.load(tmp_path / 'out'), want)
+  got = pqjax.load(tmp_path / 'out')
+  _assert_identical(got, want)
+  if arch == 'GPT-2':
+    # Conv1D kernels are (out, in): one scale per output feature, and the model
+    # runs them through the products that read codes.
+    q = got['transformer']['h']['0']['attn']['c_attn']['kernel']
+    assert q.transposed and q.shape == (192, 64) and q.scale.shape == (1, 192)
+    model = cls(config, _do_init=False)
+    ids = jnp.arange(12).reshape(2, 6) % config.vocab_size
+    mask, positions = jnp.ones_like(ids), jnp.broadcast_to(jnp.arange(6), ids.shape)
+    run = lambda p: model.module.apply({'params': p}, ids, mask, positions).logits
+    y = jax.jit(pqjax.wrap(run, products='fused'))(got)
+    np.testing.assert_allclose(y, run(pqjax.dequantize(got)), rtol=1e-4, atol=1e-4)
+    paths = {p.weight: p.path for p in pqjax.quantized_products(run, got)}
+    assert paths['0/transformer/h/0/attn/c_attn/kernel'] != 'decode'
+    assert paths['0/transformer/h/0/mlp/c_proj/kernel'] != 'decode'
+    np.testing.assert_allclose(jax.jit(pqjax.wrap(run))(got), y, rtol=1e-4, atol=1e-4)
   if arch.startswith('Llama'):
     # Transposed kernels read in parts: stored rows, codes written by columns.
     pqjax.quantize_checkpoint(sharded, tmp_path / 'parts', bits=4, working_set=1 << 12)
     _assert_identical(pqjax.load(tmp_path / 'parts'), want)
+
+
+def _gpt2_output_axis(path, leaf):
+  """GPT-2's Conv1D kernels hold their output features first."""
+  module, name = path.split('/')[-2:]
+  return -2 if name == 'kernel' and module in ('c_attn', 'c_proj', 'c_fc') else -1
 
 
 def test_a_folder_without_flax_rules_is_a_clear_error(tmp_path):
@@ -468,7 +519,8 @@ def test_a_folder_without_flax_rules_is_a_clear_error(tmp_path):
   (tmp_path / 'src' / 'config.json').write_text(
     json.dumps({'architectures': ['NoSuchModel'], 'model_type': 'nosuch'})
   )
-  with pytest.raises(pqjax.CheckpointError, match='no Flax class for.*layout="none"'):
+  match = 'no Flax class for.*layout="none" or "torch"'
+  with pytest.raises(pqjax.CheckpointError, match=match):
     pqjax.quantize_checkpoint(tmp_path / 'src', tmp_path / 'out', bits=4)
   # Its own layout still works.
   pqjax.quantize_checkpoint(tmp_path / 'src', tmp_path / 'out', bits=4, layout='none')

@@ -146,3 +146,20 @@ def test_decoding_happens_inside_the_compiled_program():
   args = jax.tree_util.tree_leaves(lowered.args_info)
   assert any(a.dtype == np.uint8 and a.shape == (32, 32) for a in args)
   assert not any(a.dtype == np.float32 and a.shape == (64, 32) for a in args)
+
+
+def test_wrap_takes_quantized_positional_and_keyword_arguments():
+  rng = np.random.default_rng(0)
+  enc, _ = pqjax.quantize({'w': rng.normal(size=(16, 8)).astype(np.float32)}, 4)
+  dec, _ = pqjax.quantize({'w': rng.normal(size=(8, 4)).astype(np.float32)}, 4)
+
+  def apply_fn(enc, x, decoder):
+    return (x @ enc['w']) @ decoder['w']
+
+  x = jnp.ones((2, 16))
+  want = apply_fn(pqjax.dequantize(enc), x, decoder=pqjax.dequantize(dec))
+  for path in PATHS:
+    y = pqjax.wrap(apply_fn, products=path)(enc, x, decoder=dec)
+    assert_same_up_to_summation_order(y, want)
+  products = pqjax.quantized_products(pqjax.wrap(apply_fn), enc, x, decoder=dec)
+  assert [p.weight for p in products] == ['0/w', 'decoder/w']

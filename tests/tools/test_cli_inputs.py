@@ -8,9 +8,11 @@ import jax
 import numpy as np
 import pytest
 from flax import serialization
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import pqjax
+from pqjax._src.io import treespec
 from pqjax.tools import cli
 from pqjax.tools.cli import main
 
@@ -97,6 +99,30 @@ def test_no_arguments_in_a_new_process():
   assert run.returncode == 2 and run.stdout == ''
   assert run.stderr.startswith('pqjax: error: no command given')
   assert len(run.stderr.splitlines()) == 1
+
+
+def test_orbax_format_under_a_safetensors_name_is_refused(tmp_path, capsys):
+  src = tmp_path / 'p.msgpack'
+  src.write_bytes(serialization.msgpack_serialize(_params()))
+  out = tmp_path / 'q.safetensors'
+  assert main(['quantize', str(src), str(out), '--format', 'orbax']) == 1
+  assert '--format orbax writes a folder' in _error_line(capsys)
+  assert not os.path.lexists(out)
+
+
+def test_info_on_deeply_nested_metadata_is_one_line(tmp_path, capsys):
+  path = tmp_path / 'q.safetensors'
+  pqjax.save(path, pqjax.quantize(_params(), 4)[0])
+  with safe_open(path, 'np') as f:
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = f.metadata()
+  levels = 900
+  tree = '{"type":"dict","keys":["a"],"values":[' * levels + meta['tree'] + ']}' * levels
+  sha = treespec.checksum({**meta, 'tree': tree}, tensors)
+  save_file(tensors, path, metadata={**meta, 'tree': tree, 'sha256': sha})
+  assert main(['info', str(path)]) == 1
+  line = _error_line(capsys)
+  assert str(path) in line and 'nests too deeply' in line
 
 
 def test_force_replaces_only_files_and_checkpoints(tmp_path, capsys):

@@ -57,3 +57,13 @@ def test_generate_example():
   # Greedy tokens of the 4-bit model are those of its dequantized weights.
   assert out['tokens equal to the dequantized model'] == 1.0
   assert out['4-bit folder bytes'] < out['bf16 folder bytes'] / 3.5
+
+
+@pytest.mark.slow
+def test_tunix_llama_example():
+  """tunix's Sampler, unchanged, generates from a pqjax.nnx model the tokens of its
+  dequantized weights, holding a quarter of the float parameter bytes or less."""
+  out = run_example('tunix_llama')
+  assert out['generated tokens'] == 24
+  assert out['tokens equal to the dequantized model'] == 1.0
+  assert out['4-bit parameter bytes'] < out['float32 parameter bytes'] / 4

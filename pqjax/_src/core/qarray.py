@@ -21,6 +21,11 @@ class QArray:
 
   The leaf's last axis is N and the axes after its ``layer_axes`` leading ones
   form K: each layer is a ``(K, N)`` matrix with its own scales, exponent and table.
+  A ``transposed`` leaf holds its output features on its second-to-last axis, as
+  PyTorch stores a Linear weight ``(out, in)``: each layer is ``(N, K)`` and its
+  ``(K, N)`` transpose is what the codes and scales lay out, so a product that
+  contracts the leaf's last axis (``x @ W.T``) reads the codes as it reads a Flax
+  kernel's.
 
   Attributes:
     codes: packed codes along K: ``(*layers, packed_rows(K, bits), N)``, uint8 for
@@ -41,6 +46,8 @@ class QArray:
     shape: shape of the original leaf, layer axes included.
     dtype: dtype of the original leaf, which decoding gives back.
     layer_axes: how many leading axes of ``shape`` index stacked layers.
+    transposed: whether each layer is stored ``(N, K)`` (output axis first): it
+      then has exactly two axes.
   """
 
   codes: jax.Array
@@ -52,15 +59,29 @@ class QArray:
   dtype: np.dtype
   layer_axes: int = 0
   column_scale: jax.Array | None = None
+  transposed: bool = False
 
   def __post_init__(self) -> None:
     # Pytree utilities rebuild nodes with placeholder leaves; validate arrays only.
     if not (is_array(self.codes) and is_array(self.scale)):
       return
+    # Decoding multiplies float levels and casts to ``dtype``: a bool or integer one
+    # would silently give no weights back.
+    if not jax.dtypes.issubdtype(np.dtype(self.dtype), np.floating):
+      raise ValueError(f'dtype {np.dtype(self.dtype).name} is not a floating dtype')
+    for name in ('alpha', 'table', 'column_scale'):
+      x = getattr(self, name)
+      if is_array(x) and np.dtype(x.dtype) != np.float32:
+        raise ValueError(f'{name} dtype {np.dtype(x.dtype).name} is not float32')
     layers = self.layers
     if not 0 <= self.layer_axes <= len(self.shape) - 1 and self.shape:
       raise ValueError(
         f'layer_axes {self.layer_axes} leaves no matrix in a leaf of shape {self.shape}'
+      )
+    if self.transposed and len(self.shape) - self.layer_axes != 2:
+      raise ValueError(
+        f'a transposed leaf has two axes per layer (out, in), got shape {self.shape}'
+        f' with layer_axes {self.layer_axes}'
       )
     k, n = self.matrix_shape
     want = (*layers, packing.packed_rows(k, self.bits), n)
@@ -122,6 +143,8 @@ class QArray:
   @property
   def matrix_shape(self) -> tuple[int, int]:
     """The ``(K, N)`` view of one layer, on which codes and scales are laid out."""
+    if self.transposed:
+      return self.shape[-1], self.shape[-2]
     return matrix_shape(tuple(self.shape[self.layer_axes :]))
 
   @property
@@ -157,10 +180,24 @@ class QArray:
     else:
       flat = lambda x: x.reshape(count, *x.shape[self.layer_axes :])
       w = jax.vmap(one)(flat(self.codes), flat(scale), flat(self.table))
+    if self.transposed:
+      w = w.swapaxes(-1, -2)
     return w.reshape(self.shape).astype(self.dtype)
+
+  def swapped(self) -> QArray:
+    """The same codes read as the leaf's transpose over its last two axes.
+
+    A ``(K, N)`` leaf becomes its ``(N, K)`` transpose and back, with nothing
+    copied: ``swapped().dequantize()`` is ``dequantize().swapaxes(-1, -2)``.
+    """
+    if len(self.shape) - self.layer_axes != 2:
+      raise ValueError(f'only a leaf of two axes per layer swaps, got {self.shape}')
+    shape = (*self.layers, self.shape[-1], self.shape[-2])
+    return dataclasses.replace(self, shape=shape, transposed=not self.transposed)
 
   def __repr__(self) -> str:
     layers = f', layer_axes={self.layer_axes}' if self.layer_axes else ''
+    layers += ', transposed=True' if self.transposed else ''
     return (
       f'QArray(shape={self.shape}, dtype={np.dtype(self.dtype).name},'
       f' bits={self.bits}, blocks={tuple(self.scale.shape)}{layers})'
@@ -200,7 +237,7 @@ SCALE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint8))
 jax.tree_util.register_dataclass(
   QArray,
   data_fields=list(DATA_FIELDS),
-  meta_fields=['bits', 'shape', 'dtype', 'layer_axes'],
+  meta_fields=['bits', 'shape', 'dtype', 'layer_axes', 'transposed'],
 )
 
 

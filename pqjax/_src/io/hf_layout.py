@@ -60,7 +60,7 @@ def flax_class(folder: Path) -> Any:
   raise CheckpointError(
     f'{folder}: transformers has no Flax class for {names or "this model"}'
     f' (model_type {config.get("model_type")!r}); quantize it in its own layout'
-    ' (layout="none", --layout none)'
+    ' (layout="none" or "torch", --layout none or torch)'
   )
 
 
@@ -76,6 +76,24 @@ def _tie_head(out: dict[tuple[str, ...], Tensor], expected: dict[tuple, Any]) ->
       if other[-1] == 'embedding' and t.shape[::-1] == want and t.perm is None:
         out[key] = Tensor('/'.join(key), t.stored, (1, 0))
         break
+
+
+# Flax modules whose kernel is (out_features, in_features), by model_type: GPT-2's
+# Conv1D, which contracts its kernel's last axis. transformers' rules transpose its
+# (in, out) PyTorch weight into that layout; the kernel is quantized with one scale
+# per output feature, its first axis (a transposed QArray).
+OUTPUT_FIRST_MODULES = {'gpt2': frozenset({'c_attn', 'c_proj', 'c_fc'})}
+
+
+def output_first(folder: Path, tensors: dict[str, Tensor]) -> frozenset[str]:
+  """Paths of the Flax kernels of a folder's model whose first axis is the output."""
+  model_type = json.loads((folder / 'config.json').read_text()).get('model_type')
+  modules = OUTPUT_FIRST_MODULES.get(model_type, frozenset())
+  return frozenset(
+    path
+    for path, t in tensors.items()
+    if t.ndim == 2 and path.endswith('/kernel') and path.split('/')[-2] in modules
+  )
 
 
 def flax_tensors(folder: Path, stored: dict[str, Stored]) -> dict[str, Tensor]:

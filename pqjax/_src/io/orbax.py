@@ -57,7 +57,7 @@ def is_checkpoint(directory: Path) -> bool:
   try:
     names = set(os.listdir(directory))
     meta = json.loads((directory / METADATA_FILE).read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
     return False
   return (
     isinstance(meta, dict)
@@ -73,7 +73,7 @@ def _read_json(path: Path, where: Path) -> Any:
     raise CheckpointError(
       f'{where}: not a pqjax Orbax checkpoint (no {METADATA_FILE})'
     ) from None
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
     raise CheckpointError(f'{where}: corrupted {METADATA_FILE}: {e}') from None
 
 
@@ -130,7 +130,7 @@ def spec_difference(
       if x != y:
         return spec_difference(x, y, (*path, make(k)))
     return where
-  meta = ('bits', 'shape', 'dtype', 'layer_axes')
+  meta = ('bits', 'shape', 'dtype', 'layer_axes', 'transposed')
   if kind == 'qarray' and all(a.get(k) == b.get(k) for k in meta):
     a, b = a['fields'], b['fields']
   diff = [

@@ -167,12 +167,28 @@ def save(
     format: ``"safetensors"`` or ``"orbax"``; default from ``path``.
     overwrite: replace what is at ``path``.
   """
-  if format is None:
-    fmt = _for_path(Path(path), 'save') or _FORMATS['orbax']
-  else:
-    fmt = _by_name(format, 'save')
+  fmt = save_format(path, format)
   assert fmt.save is not None
   fmt.save(path, tree, overwrite=overwrite)
+
+
+def save_format(path: PathLike, format: str | None) -> Format:
+  """The format :func:`save` writes ``path`` in; ValueError for a bad pair.
+
+  A ``*.safetensors`` name is read back as one file whatever is there, so a folder
+  format under it would write a checkpoint that nothing loads.
+  """
+  path = Path(path)
+  if format is None:
+    return _for_path(path, 'save') or _FORMATS['orbax']
+  fmt = _by_name(format, 'save')
+  file = _FORMATS['safetensors']
+  if fmt is not file and file.claims(path):
+    raise ValueError(
+      f'{path}: a {path.suffix} name is read as {file.description}, but'
+      f' format={fmt.name!r} writes a folder; name it without that suffix'
+    )
+  return fmt
 
 
 register(

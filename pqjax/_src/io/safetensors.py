@@ -91,7 +91,7 @@ def _header(data: bytes, where: Path) -> dict[str, Any]:
     )
   try:
     header = json.loads(data[8 : 8 + size])
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
     raise CheckpointError(
       f'{where}: corrupted or not a safetensors file: the header is not valid JSON ({e})'
     ) from None

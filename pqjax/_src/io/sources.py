@@ -20,7 +20,7 @@ import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import ml_dtypes
 import numpy as np
@@ -106,6 +106,13 @@ class Tensor:
   def nbytes(self) -> int:
     return self.stored.nbytes
 
+  def swapaxes(self, a: int, b: int) -> Tensor:
+    """This tensor with two axes swapped (as ``np.swapaxes``), nothing read."""
+    perm = list(self.perm or range(self.ndim))
+    perm[a], perm[b] = perm[b], perm[a]
+    same = perm == list(range(self.ndim))
+    return dataclasses.replace(self, perm=None if same else tuple(perm))
+
   def __repr__(self) -> str:
     return f'Tensor({self.path}, {self.shape}, {self.dtype.name})'
 
@@ -129,7 +136,7 @@ def header(path: Path) -> tuple[dict[str, Stored], dict[str, str]]:
     raise CheckpointError(f'{path}: cannot read: {e.strerror or e}') from None
   try:
     entries = json.loads(text)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
     raise CheckpointError(f'{path}: corrupted safetensors header: {e}') from None
   if not isinstance(entries, dict):
     raise CheckpointError(f'{path}: corrupted safetensors header: not an object')
@@ -190,7 +197,7 @@ def shard_files(folder: Path) -> tuple[dict[str, Stored], dict[str, Any]]:
     weight_map = index['weight_map']
     if not isinstance(weight_map, dict):
       raise TypeError('weight_map is not an object')
-  except (OSError, ValueError, KeyError, TypeError) as e:
+  except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
     raise CheckpointError(f'{index_path}: not a safetensors index: {e}') from None
   by_file: dict[str, dict[str, Stored]] = {}
   out = {}
@@ -219,10 +226,21 @@ class Source:
   reading a tensor of any size keeps about one block resident.
   """
 
-  def __init__(self, tensors: dict[str, Tensor], description: str):
+  def __init__(
+    self,
+    tensors: dict[str, Tensor],
+    description: str,
+    output_first: frozenset[str] = frozenset(),
+  ):
     self.tensors = tensors
     self.description = description
+    # Paths of 2-D tensors whose output features are their first axis.
+    self.output_first = output_first
     self._maps: dict[Path, mmap.mmap] = {}
+
+  def output_axis(self, path: str, tensor: Tensor) -> int:
+    """-2 where the tensor holds its output features first, else -1."""
+    return -2 if path in self.output_first else -1
 
   def __iter__(self) -> Iterator[Tensor]:
     return iter(self.tensors.values())
@@ -311,20 +329,128 @@ def flat_tensors(stored: dict[str, Stored], sep: str | None = '.') -> dict[str, 
   return out
 
 
-def open_source(path: os.PathLike | str, layout: str = 'auto') -> Source:
+class OrbaxSource(Source):
+  """Tensors of an Orbax checkpoint, read through TensorStore a slice at a time.
+
+  TensorStore decodes whole chunks: Orbax writes an unsharded array as one chunk,
+  so reading a block of its rows holds that array's stored bytes for the read
+  (a sharded one's chunks are its shards).
+  """
+
+  def __init__(self, tensors: dict[str, Tensor], description: str, driver: str):
+    super().__init__(tensors, description)
+    self.driver = driver  # TensorStore's: "zarr", or "zarr3"
+    self._stores: dict[str, Any] = {}
+
+  def _store(self, s: Stored) -> Any:
+    if s.name not in self._stores:
+      import tensorstore as ts
+
+      spec = {
+        'driver': self.driver,
+        'kvstore': {'driver': 'ocdbt', 'base': f'file://{s.file}', 'path': s.name},
+      }
+      try:
+        self._stores[s.name] = ts.open(spec, open=True, read=True).result()
+      except Exception as e:  # TensorStore raises many kinds of errors
+        raise CheckpointError(f'{s.file}: tensor {s.name!r}: cannot open: {e}') from None
+    return self._stores[s.name]
+
+  def read(
+    self, tensor: Tensor, rows: slice | None = None, cols: slice | None = None
+  ) -> np.ndarray:
+    s = tensor.stored
+    store = self._store(s)
+    try:
+      if tensor.perm is None and len(s.shape) == 2 and (rows or cols):
+        return np.asarray(store[rows or slice(None), cols or slice(None)].read().result())
+      whole = np.asarray(store.read().result())
+    except Exception as e:  # TensorStore raises many kinds of errors
+      raise CheckpointError(f'{s.file}: tensor {s.name!r}: cannot read: {e}') from None
+    if tensor.perm is not None:
+      whole = whole.transpose(tensor.perm)
+    if rows is None and cols is None:
+      return whole
+    matrix = whole.reshape(-1, whole.shape[-1])
+    return np.array(matrix[rows or slice(None), cols or slice(None)])
+
+  def close(self) -> None:
+    self._stores.clear()
+
+
+def open_orbax(directory: Path) -> OrbaxSource:
+  """The arrays of an Orbax checkpoint by tree path: a float tree saved by Orbax, or
+  a float tree saved by :func:`pqjax.save` in the Orbax format (its ``arrays/``)."""
+  from pqjax._src.io import orbax
+
+  if (directory / orbax.METADATA_FILE).exists():
+    meta = json.loads((directory / orbax.METADATA_FILE).read_text())
+    if '"qarray"' in meta.get('tree', ''):
+      raise CheckpointError(f'{directory}: already quantized (a pqjax checkpoint)')
+    directory = directory / orbax.ARRAYS_DIR
+  import jax
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint import metadata as ocp_metadata
+
+  from pqjax._src.core.leaves import path_str
+
+  try:
+    found = ocp.PyTreeCheckpointer().metadata(directory.absolute())
+    tree = getattr(getattr(found, 'item_metadata', found), 'tree', found)
+    zarr3 = bool(getattr(getattr(found, 'item_metadata', None), 'use_zarr3', False))
+  except Exception as e:  # Orbax raises many kinds of errors
+    raise CheckpointError(
+      f'{directory}: cannot read as an Orbax checkpoint: {e}'
+    ) from None
+  is_array = lambda x: isinstance(x, ocp_metadata.ArrayMetadata)
+  out = {}
+  for key, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_array):
+    path = path_str(key)
+    if not is_array(leaf):
+      raise CheckpointError(f'{directory}: {path} is not an array ({leaf!r})')
+    dtype = np.dtype(leaf.dtype)
+    stored = Stored(directory.absolute(), leaf.name, tuple(leaf.shape), dtype, 0)
+    out[path] = Tensor(path, stored)
+  return OrbaxSource(out, f'{directory} (Orbax)', 'zarr3' if zarr3 else 'zarr')
+
+
+# How a source's tensors are named and laid out: "auto" converts a Hugging Face
+# folder to its Flax model's tree; "none" keeps names and layouts, output features
+# last; "torch" keeps them with every 2-D tensor's output features first, as
+# PyTorch stores Linear and Embedding weights.
+Layout = Literal['auto', 'none', 'torch']
+LAYOUTS: tuple[Layout, ...] = ('auto', 'none', 'torch')
+
+
+def open_source(path: os.PathLike | str, layout: Layout = 'auto') -> Source:
   """A :class:`Source` for a safetensors file, a folder of shards or a Hugging Face
-  model folder (``layout="auto"`` converts its names and layouts to its Flax model's;
-  ``"none"`` keeps them)."""
-  path = Path(path)
+  model folder, in ``layout`` (see :data:`Layout`)."""
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
+  source = _open(Path(path), layout)
+  if layout == 'torch':
+    source.output_first = frozenset(t.path for t in source if t.ndim == 2)
+  return source
+
+
+def is_orbax(path: Path) -> bool:
+  """Whether a folder holds an Orbax checkpoint (or a pqjax one in that format)."""
+  return (path / '_METADATA').exists() or (path / 'pqjax.json').exists()
+
+
+def _open(path: Path, layout: Layout) -> Source:
   if not path.exists():
     raise CheckpointError(f'{path}: no such file or directory')
+  if path.is_dir() and is_orbax(path):
+    return open_orbax(path)
   if path.is_dir():
     stored, _ = shard_files(path)
     description = f'{path} ({len(stored)} tensors)'
     if layout == 'auto' and (path / 'config.json').exists():
       from pqjax._src.io import hf_layout
 
-      return Source(hf_layout.flax_tensors(path, stored), description)
+      tensors = hf_layout.flax_tensors(path, stored)
+      return Source(tensors, description, hf_layout.output_first(path, tensors))
   else:
     stored, meta = header(path)
     description = f'{path} ({len(stored)} tensors)'

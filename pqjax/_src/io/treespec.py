@@ -7,9 +7,10 @@ fifth, ``.column_scale``, where its scales are uint8 steps of a column scale. Th
 metadata records the format name, a format version, the tree (dicts, lists, tuples,
 None) with every leaf's shape and dtype and every QArray's bits and layer axes, and a
 SHA-256 over the metadata and the tensor bytes, so corruption anywhere is caught on
-load. Layer axes are recorded only where a QArray has some, so a QArray recorded
-without them (as every one was before they existed) has none. Codes of 5 to 7 bits
-stored one int8 a byte (files written before they were packed) are packed on load.
+load. Layer axes (and ``transposed``) are recorded only where a QArray has some, so
+a QArray recorded without them (as every one was before they existed) has none.
+Codes of 5 to 7 bits stored one int8 a byte (files written before they were packed)
+are packed on load.
 """
 
 from __future__ import annotations
@@ -117,6 +118,12 @@ def _is_frozen_dict(node: Any) -> bool:
 
 
 def _encode(node: Any, path: tuple[Any, ...], flat: _Flat) -> dict[str, Any]:
+  if len(path) > MAX_DEPTH:
+    # Saved, it could not be loaded back.
+    raise ValueError(
+      f'{path_str(path[:3])}/...: the tree nests deeper than {MAX_DEPTH} levels;'
+      ' pqjax checkpoints hold at most that many'
+    )
   if node is None:
     return {'type': 'none'}
   if isinstance(node, QArray):
@@ -128,6 +135,8 @@ def _encode(node: Any, path: tuple[Any, ...], flat: _Flat) -> dict[str, Any]:
     # Recorded only where there are layer axes: a tree without any is written as
     # before they existed, and an Orbax target matches either.
     layers = {'layer_axes': node.layer_axes} if node.layer_axes else {}
+    if node.transposed:
+      layers['transposed'] = True
     return {
       'type': 'qarray',
       'bits': node.bits,
@@ -239,6 +248,9 @@ def _decode(
     layer_axes = spec.get('layer_axes', 0)
     if type(layer_axes) is not int or layer_axes < 0:
       raise ValueError(f'bad layer_axes {layer_axes!r}')
+    transposed = spec.get('transposed', False)
+    if type(transposed) is not bool:
+      raise ValueError(f'bad transposed {transposed!r}')
     stored = spec['fields']
     fields = {
       f: convert(_tensor(stored[f], tensors, used))
@@ -247,14 +259,25 @@ def _decode(
     }
     if bits in LEGACY_BYTE_BITS and np.dtype(fields['codes'].dtype) == np.int8:
       fields['codes'] = _pack_legacy(fields['codes'], bits, fields['table'].shape[-1])
-    return QArray(
-      **fields,
-      bits=bits,
-      shape=tuple(int(d) for d in spec['shape']),
-      dtype=parse_dtype(spec['dtype']),
-      layer_axes=layer_axes,
-    )
+    try:
+      return QArray(
+        **fields,
+        bits=bits,
+        shape=tuple(int(d) for d in spec['shape']),
+        dtype=parse_dtype(spec['dtype']),
+        layer_axes=layer_axes,
+        transposed=transposed,
+      )
+    except ValueError as e:
+      # The constructor's checks are the file's: say which leaf broke them.
+      raise ValueError(f'QArray {_qarray_name(stored)!r}: {e}') from None
   raise ValueError(f'unknown node type {kind!r}')
+
+
+def _qarray_name(stored: dict[str, Any]) -> str:
+  """A stored QArray's path: its codes tensor's name less ``.codes``."""
+  name = stored['codes'].get('name') or '?'
+  return str(name).removesuffix('.codes')
 
 
 def unflatten(
@@ -281,6 +304,24 @@ def unflatten(
 
 
 # --- metadata ----------------------------------------------------------------------
+
+# How many levels of dicts, lists and tuples a saved tree may nest: far beyond any
+# model's, and few enough that reading one (recursively) stays within Python's
+# recursion limit.
+MAX_DEPTH = 100
+
+
+def _too_deep(spec: Any) -> bool:
+  """Whether a tree spec nests beyond :data:`MAX_DEPTH`; walked without recursion."""
+  stack = [(spec, 0)]
+  while stack:
+    node, depth = stack.pop()
+    if depth > MAX_DEPTH:
+      return True
+    values = node.get('values') if isinstance(node, dict) else None
+    if isinstance(values, list):
+      stack.extend((v, depth + 1) for v in values)
+  return False
 
 
 def _bytes_of(x: np.ndarray) -> np.ndarray:
@@ -339,12 +380,20 @@ def check_metadata(meta: Any, where: Path) -> dict[str, Any]:
       f' pqjax reads version {FORMAT_VERSION}'
       + (' (the file was written by a newer pqjax)' if newer else '')
     )
+  too_deep = CheckpointError(
+    f'{where}: malformed pqjax metadata: the tree nests too deeply (pqjax'
+    f' checkpoints hold at most {MAX_DEPTH} levels)'
+  )
   try:
     spec = json.loads(meta['tree'])
+  except RecursionError:
+    raise too_deep from None
   except (KeyError, TypeError, json.JSONDecodeError) as e:
     raise CheckpointError(f'{where}: malformed pqjax metadata: {e}') from None
   if not isinstance(spec, dict):
     raise CheckpointError(f'{where}: malformed pqjax metadata: the tree is not an object')
+  if _too_deep(spec):
+    raise too_deep
   return spec
 
 

@@ -124,7 +124,9 @@ def _stored_view(
     return None
   w_contract, x_contract = (lc, rc) if operand == 0 else (rc, lc)
   ndim = len(weight.q.shape)
-  if ndim < 2 or tuple(w_contract) != tuple(range(ndim - 1)):
+  # K is every axis but the last, or the last alone for an (N, K) transposed leaf.
+  k_axes = (ndim - 1,) if weight.q.transposed else tuple(range(ndim - 1))
+  if ndim < 2 or tuple(w_contract) != k_axes:
     return None
   free = tuple(i for i in range(x.ndim) if i not in x_contract)
   return _View(x_free=free, x_contract=tuple(x_contract), weight_first=operand == 0)
@@ -137,12 +139,13 @@ def _fused_product(
   k, n = q.matrix_shape
   lead = tuple(x.shape[i] for i in view.x_free)
   x2 = jnp.transpose(x, (*view.x_free, *view.x_contract)).reshape(math.prod(lead), k)
-  # Tied to the activation, as a decode is: the product cannot start early.
-  scale = tied(q.block_scale(), x2)
+  # Tied to the activation, as a decode is: the product cannot start early, nor
+  # leave a loop whose step it is.
+  scale, codes = tied(q.block_scale(), x2), tied(q.codes, x2)
   if kernel:
     y = pallas_matmul.packed_matmul(
       x2.astype(jnp.float32) if x2.dtype == jnp.float64 else x2,
-      q.codes,
+      codes,
       scale,
       q.table,
       bits=q.bits,
@@ -152,7 +155,7 @@ def _fused_product(
     )
   else:
     y = small_product.packed_product(
-      x2, q.codes, scale, q.table, bits=q.bits, k=k, dtype=weight.dtype or q.dtype
+      x2, codes, scale, q.table, bits=q.bits, k=k, dtype=weight.dtype or q.dtype
     )
   y = y.reshape(*lead, n).astype(out_dtype)
   if view.weight_first:
@@ -240,7 +243,7 @@ def _blocked_decode(
     stop = min(n, start + width)
     cols = slice(start, stop)
     block = QArray(
-      codes=q.codes[:, cols],
+      codes=tied(q.codes[:, cols], tie),
       scale=tied(scales[:, cols] if ncol > 1 else scales, tie),
       alpha=q.alpha,
       table=q.table,
@@ -349,7 +352,10 @@ def product(rewriter: Rewriter, eqn: core.JaxprEqn, invals: list[Any]) -> list[A
 
 
 def _row_lookup(eqn: core.JaxprEqn, weight: Weight, indices: Any) -> bool:
-  """Whether a gather takes whole rows of a 2-D weight: ``table[ids]``."""
+  """Whether a gather takes whole rows of a 2-D weight: ``table[ids]``.
+
+  A transposed weight's rows are columns of its codes: those are decoded alone too.
+  """
   q = weight.q
   if not weight.casts_only or q.layer_axes or len(q.shape) != 2:
     return False
@@ -372,6 +378,8 @@ def decode_rows(weight: Weight, rows: jax.Array) -> jax.Array:
   """
   q = weight.q
   k, n = q.matrix_shape
+  if q.transposed:
+    return _decode_columns(weight, rows)
   per_unit, unit_bytes = packing.codes_per_unit(q.bits)
   if q.bits in packing.PACKED_BITS:
     # Code j of a unit lies in its byte (j * bits) // 8, and the next one if it
@@ -393,6 +401,22 @@ def decode_rows(weight: Weight, rows: jax.Array) -> jax.Array:
   column = None if q.column_scale is None else q.column_scale[0]
   block = packing.scale_values(block, column)
   w = (levels * (block if ncol > 1 else block[..., :1])).astype(q.dtype)
+  for op in weight.ops:  # dtype conversions only
+    w = op(w)
+  return w
+
+
+def _decode_columns(weight: Weight, rows: jax.Array) -> jax.Array:
+  """Rows of a transposed weight (columns of its codes), as ``decode_rows``."""
+  q = weight.q
+  k, n = q.matrix_shape
+  cols = rows.reshape(-1)
+  scale = q.block_scale()
+  if scale.shape[-1] > 1:
+    scale = jnp.take(scale, cols, axis=1)
+  codes = jnp.take(q.codes, cols, axis=1)
+  w = packing.decode_packed(codes, scale[:, None, :], q.table, q.bits, k)
+  w = w.T.reshape(*rows.shape, k).astype(q.dtype)
   for op in weight.ops:  # dtype conversions only
     w = op(w)
   return w

@@ -80,6 +80,15 @@ def bind(eqn: core.JaxprEqn, invals: Sequence[Any]) -> list[Any]:
   return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def _swaps_last_axes(eqn: core.JaxprEqn) -> bool:
+  """Whether ``eqn`` is a transpose of the last two axes only."""
+  if eqn.primitive.name != 'transpose':
+    return False
+  perm = tuple(eqn.params['permutation'])
+  n = len(perm)
+  return n >= 2 and perm == (*range(n - 2), n - 1, n - 2)
+
+
 def _is_weight(x: Any) -> bool:
   return isinstance(x, Weight)
 
@@ -161,6 +170,11 @@ class Rewriter:
 
   def record(self, eqn: core.JaxprEqn, invals: list[Value]) -> Weight:
     weight, rest = invals[0], invals[1:]
+    if _swaps_last_axes(eqn) and weight.casts_only:
+      # W.T of a stored matrix reads the same codes: products keep their fast paths.
+      q = weight.q
+      if len(q.shape) - q.layer_axes == 2:
+        return dataclasses.replace(weight, q=q.swapped())
     op = lambda w: bind(eqn, [w, *rest])[0]
     dtype = getattr(eqn.outvars[0].aval, 'dtype', None)
     return weight.then(op, cast=eqn.primitive.name in CASTS, dtype=dtype)
@@ -312,10 +326,12 @@ def run(
   holds = lambda x: any(
     is_quantized(v) for v in jax.tree_util.tree_leaves(x, is_leaf=is_quantized)
   )
-  keys = [i for i, a in enumerate(args) if holds(a)] + [
-    k for k, v in kwargs.items() if holds(v)
-  ]
-  chosen = {k: args[k] if isinstance(k, int) else kwargs[k] for k in keys}
+  # Positions and keywords in separate dicts: a dict mixing int and str keys cannot
+  # be flattened (its keys are sorted).
+  chosen = (
+    {i: a for i, a in enumerate(args) if holds(a)},
+    {k: v for k, v in kwargs.items() if holds(v)},
+  )
   leaves, treedef = jax.tree_util.tree_flatten_with_path(chosen, is_leaf=is_quantized)
   values = [x for _, x in leaves]
   # Arrays and quantized leaves become inputs of the traced program; anything else
@@ -333,9 +349,9 @@ def run(
     filled = list(values)
     for i, v in zip(dynamic, inputs):
       filled[i] = v
-    rebuilt = jax.tree_util.tree_unflatten(treedef, filled)
-    a = [rebuilt.get(i, x) for i, x in enumerate(args)]
-    k = {name: rebuilt.get(name, x) for name, x in kwargs.items()}
+    positional, keywords = jax.tree_util.tree_unflatten(treedef, filled)
+    a = [positional.get(i, x) for i, x in enumerate(args)]
+    k = {name: keywords.get(name, x) for name, x in kwargs.items()}
     out_leaves, out_tree = jax.tree_util.tree_flatten(fn(*a, **k))
     arrays = [i for i, x in enumerate(out_leaves) if _is_array(x)]
     out_info.append((out_tree, out_leaves, arrays))
@@ -343,7 +359,8 @@ def run(
 
   closed = jax.make_jaxpr(flat_fn)(*specs)
   inputs = [
-    weight_of(values[i], leaves[i][0]) if is_quantized(values[i]) else values[i]
+    # Drop the path's first entry (positional or keyword): '0/params/...', 'decoder/...'.
+    weight_of(values[i], leaves[i][0][1:]) if is_quantized(values[i]) else values[i]
     for i in dynamic
   ]
   outs = rewriter.arrays(rewriter.eval(closed.jaxpr, closed.consts, inputs))

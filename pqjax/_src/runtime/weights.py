@@ -71,7 +71,15 @@ class Weight:
     q = self.q
     if tie is not None:
       # The scales are tied as their float32 values, which the decode then reads.
-      q = dataclasses.replace(q, scale=tied(q.block_scale(), tie), column_scale=None)
+      # The codes too: a decode whose lookup of codes depended on nothing that
+      # changes would be hoisted out of a loop (a generation loop's while), every
+      # weight's levels then held decoded for the whole loop.
+      q = dataclasses.replace(
+        q,
+        codes=tied(q.codes, tie),
+        scale=tied(q.block_scale(), tie),
+        column_scale=None,
+      )
     w = q.dequantize()
     for op in self.ops:
       w = op(w)
@@ -81,6 +89,8 @@ class Weight:
 def tied(value: jax.Array, tie: jax.Array) -> jax.Array:
   """``value``, plus a zero computed from ``tie``: the same numbers, a new dependency.
 
+  ``value`` may be floating or integer (codes): the zero is converted to its dtype.
+
   The zero is ``t * 0`` for a finite element ``t`` of ``tie`` and ``0`` otherwise, so
   an Inf or NaN activation does not reach the weight. XLA does not fold ``t * 0``
   (it is NaN for infinite ``t``), so the dependency survives optimisation.
@@ -88,6 +98,10 @@ def tied(value: jax.Array, tie: jax.Array) -> jax.Array:
   if not math.prod(tie.shape):
     return value
   t = jax.lax.stop_gradient(tie).reshape(-1)[0]
+  if not jnp.issubdtype(t.dtype, jnp.inexact):
+    # XLA folds an integer's ``t * 0`` to 0 (the dependency would be lost, and a
+    # lookup's decode hoisted out of a loop); a float's it keeps.
+    t = t.astype(jnp.float32)
   zero = jnp.where(jnp.isfinite(t), t * 0, jnp.zeros_like(t))
   return value + zero.astype(value.dtype)
 
@@ -122,6 +136,7 @@ def rebuild(packed: Packed, arrays: list[jax.Array]) -> Weight:
     shape=tuple(q.shape[1:]) if sliced else q.shape,
     dtype=q.dtype,
     layer_axes=q.layer_axes - 1 if sliced else q.layer_axes,
+    transposed=q.transposed,
   )
   return dataclasses.replace(packed.weight, q=q)
 
@@ -135,7 +150,7 @@ def as_layers(q: QArray, length: int) -> QArray | None:
   """
   if q.layer_axes:
     return q if q.shape[0] == length else None
-  if len(q.shape) < 3 or q.shape[0] != length:
+  if len(q.shape) < 3 or q.shape[0] != length or q.transposed:
     return None
   k, n = q.matrix_shape
   rows = k // length
