@@ -181,8 +181,10 @@ def run(shape: dict, variant: str, steps: int) -> dict:
     text=True,
   )
   if out.returncode:
-    last = (out.stderr.strip().splitlines() or ['?'])[-1]
-    return {'error': last[:160]}
+    last = out.stderr.strip().splitlines() or [f'exit status {out.returncode}']
+    if out.returncode < 0:
+      last = [f'killed by signal {-out.returncode} (out of memory?)']
+    return {'error': last[-1][:160]}
   return {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
@@ -195,6 +197,7 @@ def main() -> None:
   parser.add_argument('--configs', default='small,1b')
   parser.add_argument('--steps', type=int, default=32)
   parser.add_argument('--variants', default=','.join(VARIANTS))
+  parser.add_argument('--name', default='generate', help='results/<name>.md')
   args = parser.parse_args()
   import jax
 
@@ -240,7 +243,7 @@ def main() -> None:
           f' {size} | {m["temp"] / 1e6:.2f} | {m["rss"] / 1e6:.0f} | {same} |'
         )
     lines.append('')
-  publish('generate', lines)
+  publish(args.name, lines)
 
 
 if __name__ == '__main__':
