@@ -84,6 +84,18 @@ def test_torch_layout_equals_the_transposed_tree(options):
   )
 
 
+def test_per_leaf_functions_see_the_leaf_as_the_tree_holds_it():
+  seen = {}
+
+  def importance(path, leaf):
+    seen[path] = tuple(leaf.shape)
+    return 1.0
+
+  tree = {'q_proj': _torch_tree()['q_proj']}
+  pqjax.quantize(tree, bits_per_weight=3.5, output_axis=-2, importance=importance)
+  assert seen == {'q_proj/weight': (96, 64)}
+
+
 def test_a_function_picks_the_output_axis_per_leaf():
   tree = _torch_tree()
   pick = lambda path, leaf: -2 if path.startswith('q_proj') else -1

@@ -302,7 +302,9 @@ def _importance(leaf: Leaf, options: QuantizeOptions) -> float:
   """The leaf's importance: the option's, checked, or the default."""
   if options.importance is None:
     return budget.default_importance(leaf.path, leaf.value, leaf.layer_count)
-  got = ask('the importance function', options.importance, leaf.path, leaf.value)
+  # The leaf as the tree holds it, as the other per-leaf functions see it.
+  value = leaf.value.swapaxes(-1, -2) if leaf.transposed else leaf.value
+  got = ask('the importance function', options.importance, leaf.path, value)
   try:
     value = float(got)
   except (TypeError, ValueError):

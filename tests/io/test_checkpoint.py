@@ -313,6 +313,14 @@ def _rewrite(path, out, **changes):
   save_file(dict(tensors), out, metadata={**meta, **changes})
 
 
+def _rewrite_tree(path, out, tree_json):
+  """Copies a pqjax safetensors file with another tree spec and the checksum anyone
+  can recompute for it, so that the checks of the tree itself are what fail."""
+  tensors, meta = safetensors.read(path)
+  checksum = treespec.checksum({**meta, 'tree': tree_json}, tensors)
+  _rewrite(path, out, tree=tree_json, sha256=checksum)
+
+
 @pytest.mark.parametrize('version', ['2', '0', 'x'])
 def test_unknown_version_is_refused(tmp_path, saved, version):
   path, _ = _load_bytes(tmp_path, saved, 'good.safetensors')
@@ -333,17 +341,9 @@ def test_unknown_version_is_refused(tmp_path, saved, version):
 
 def test_metadata_that_lies_about_tensors(tmp_path, saved):
   path, _ = _load_bytes(tmp_path, saved, 'good.safetensors')
-  tensors, meta = safetensors.read(path)
-  spec = json.loads(meta['tree'])
+  spec = json.loads(safetensors.read(path)[1]['tree'])
   spec['values'][0]['values'][1]['values'][0]['shape'] = [17]  # encoder/norm/scale
-  tree_json = json.dumps(spec)
-  # A consistent checksum, so that the structural check is what fails.
-  _rewrite(
-    path,
-    tmp_path / 'bad.safetensors',
-    tree=tree_json,
-    sha256=treespec.checksum({**meta, 'tree': tree_json}, tensors),
-  )
+  _rewrite_tree(path, tmp_path / 'bad.safetensors', json.dumps(spec))
   with pytest.raises(CheckpointError, match='malformed.*encoder/norm/scale'):
     pqjax.load_safetensors(tmp_path / 'bad.safetensors')
 
@@ -356,15 +356,8 @@ def _nested(tree_json, levels):
 @pytest.mark.parametrize('levels', [900, 20_000])
 def test_deeply_nested_metadata_is_refused(tmp_path, saved, levels):
   path, _ = _load_bytes(tmp_path, saved, 'good.safetensors')
-  tensors, meta = safetensors.read(path)
-  tree_json = _nested(meta['tree'], levels)
   deep = tmp_path / 'deep.safetensors'
-  _rewrite(
-    path,
-    deep,
-    tree=tree_json,
-    sha256=treespec.checksum({**meta, 'tree': tree_json}, tensors),
-  )
+  _rewrite_tree(path, deep, _nested(safetensors.read(path)[1]['tree'], levels))
   with pytest.raises(CheckpointError, match=f'{deep}: .*nests too deeply'):
     pqjax.load(deep)
   pqjax.save_orbax(tmp_path / 'o', {'w': jnp.ones(2)})
@@ -404,18 +397,11 @@ def test_qarray_with_a_non_float_dtype_is_refused(tmp_path, dtype):
   w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
   path = tmp_path / 'good.safetensors'
   pqjax.save_safetensors(path, {'enc': {'w': pqjax.quantize({'w': w}, 4)[0]['w']}})
-  tensors, meta = safetensors.read(path)
-  spec = json.loads(meta['tree'])
+  spec = json.loads(safetensors.read(path)[1]['tree'])
   spec['values'][0]['values'][0]['dtype'] = dtype
-  tree_json = json.dumps(spec)
   # The checksum anyone can recompute: the QArray's own checks must refuse it.
   bad = tmp_path / 'bad.safetensors'
-  _rewrite(
-    path,
-    bad,
-    tree=tree_json,
-    sha256=treespec.checksum({**meta, 'tree': tree_json}, tensors),
-  )
+  _rewrite_tree(path, bad, json.dumps(spec))
   with pytest.raises(
     CheckpointError, match=f"{bad}: .*QArray 'enc/w': dtype {dtype} is not a floating"
   ):

@@ -66,7 +66,8 @@ def is_checkpoint(directory: Path) -> bool:
   )
 
 
-def _read_json(path: Path, where: Path) -> Any:
+def read_json(path: Path, where: Path) -> Any:
+  """A metadata file's JSON; CheckpointError naming ``where`` if missing or corrupt."""
   try:
     return json.loads(path.read_text())
   except FileNotFoundError:
@@ -151,7 +152,7 @@ def load(directory: PathLike, target: Any = None) -> Any:
   directory = Path(directory)
   if not directory.is_dir():
     raise CheckpointError(f'{directory}: not a directory (an Orbax checkpoint is one)')
-  meta = _read_json(directory / METADATA_FILE, directory)
+  meta = read_json(directory / METADATA_FILE, directory)
   spec = check_metadata(meta, directory)
   want: dict[str, Any] = {}
   target_tensors = None

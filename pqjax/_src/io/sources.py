@@ -25,6 +25,7 @@ from typing import Any, Literal
 import ml_dtypes
 import numpy as np
 
+from pqjax._src.io import orbax
 from pqjax._src.io.treespec import CheckpointError
 
 INDEX = 'model.safetensors.index.json'
@@ -381,12 +382,9 @@ class OrbaxSource(Source):
 def open_orbax(directory: Path) -> OrbaxSource:
   """The arrays of an Orbax checkpoint by tree path: a float tree saved by Orbax, or
   a float tree saved by :func:`pqjax.save` in the Orbax format (its ``arrays/``)."""
-  from pqjax._src.io import orbax
-
-  if (directory / orbax.METADATA_FILE).exists():
-    meta = json.loads((directory / orbax.METADATA_FILE).read_text())
-    if '"qarray"' in meta.get('tree', ''):
-      raise CheckpointError(f'{directory}: already quantized (a pqjax checkpoint)')
+  meta_file = directory / orbax.METADATA_FILE
+  if meta_file.exists():
+    _refuse_quantized(orbax.read_json(meta_file, directory), directory)
     directory = directory / orbax.ARRAYS_DIR
   import jax
   import orbax.checkpoint as ocp
@@ -435,7 +433,14 @@ def open_source(path: os.PathLike | str, layout: Layout = 'auto') -> Source:
 
 def is_orbax(path: Path) -> bool:
   """Whether a folder holds an Orbax checkpoint (or a pqjax one in that format)."""
-  return (path / '_METADATA').exists() or (path / 'pqjax.json').exists()
+  return (path / '_METADATA').exists() or (path / orbax.METADATA_FILE).exists()
+
+
+def _refuse_quantized(meta: Any, where: Path) -> None:
+  """CheckpointError for pqjax metadata of a quantized tree: not a float source."""
+  tree = meta.get('tree', '') if isinstance(meta, dict) else ''
+  if '"qarray"' in str(tree):
+    raise CheckpointError(f'{where}: already quantized (a pqjax checkpoint)')
 
 
 def _open(path: Path, layout: Layout) -> Source:
@@ -456,7 +461,6 @@ def _open(path: Path, layout: Layout) -> Source:
     description = f'{path} ({len(stored)} tensors)'
     if meta.get('format') == 'pqjax':
       # A pqjax checkpoint names its tensors by their paths.
-      if '"qarray"' in meta.get('tree', ''):
-        raise CheckpointError(f'{path}: already quantized (a pqjax checkpoint)')
+      _refuse_quantized(meta, path)
       return Source(flat_tensors(stored, sep='/'), description)
   return Source(flat_tensors(stored), description)

@@ -26,7 +26,7 @@ from pqjax._src.core.qarray import QArray
 from pqjax._src.runtime import activations, pallas_matmul, small_product
 from pqjax._src.runtime.native import library as native_library
 from pqjax._src.runtime.native import product as native_product
-from pqjax._src.runtime.weights import Weight, tied
+from pqjax._src.runtime.weights import Weight, tied_fields
 
 if TYPE_CHECKING:
   from pqjax._src.runtime.rewrite import Rewriter
@@ -141,12 +141,12 @@ def _fused_product(
   x2 = jnp.transpose(x, (*view.x_free, *view.x_contract)).reshape(math.prod(lead), k)
   # Tied to the activation, as a decode is: the product cannot start early, nor
   # leave a loop whose step it is.
-  scale, codes = tied(q.block_scale(), x2), tied(q.codes, x2)
+  q = tied_fields(q, x2)
   if kernel:
     y = pallas_matmul.packed_matmul(
       x2.astype(jnp.float32) if x2.dtype == jnp.float64 else x2,
-      codes,
-      scale,
+      q.codes,
+      q.scale,
       q.table,
       bits=q.bits,
       k=k,
@@ -155,7 +155,7 @@ def _fused_product(
     )
   else:
     y = small_product.packed_product(
-      x2, codes, scale, q.table, bits=q.bits, k=k, dtype=weight.dtype or q.dtype
+      x2, q.codes, q.scale, q.table, bits=q.bits, k=k, dtype=weight.dtype or q.dtype
     )
   y = y.reshape(*lead, n).astype(out_dtype)
   if view.weight_first:
@@ -243,15 +243,15 @@ def _blocked_decode(
     stop = min(n, start + width)
     cols = slice(start, stop)
     block = QArray(
-      codes=tied(q.codes[:, cols], tie),
-      scale=tied(scales[:, cols] if ncol > 1 else scales, tie),
+      codes=q.codes[:, cols],
+      scale=scales[:, cols] if ncol > 1 else scales,
       alpha=q.alpha,
       table=q.table,
       bits=q.bits,
       shape=(k, stop - start),
       dtype=q.dtype,
     )
-    w = dataclasses.replace(weight, q=block).decode()
+    w = dataclasses.replace(weight, q=block).decode(tie=tie)
     y = jax.lax.dot_general(
       x2,
       w,

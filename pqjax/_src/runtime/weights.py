@@ -68,22 +68,24 @@ class Weight:
     no-op, so the decode cannot run before the activation exists: XLA then keeps
     only the weights in use alive, instead of decoding all of them up front.
     """
-    q = self.q
-    if tie is not None:
-      # The scales are tied as their float32 values, which the decode then reads.
-      # The codes too: a decode whose lookup of codes depended on nothing that
-      # changes would be hoisted out of a loop (a generation loop's while), every
-      # weight's levels then held decoded for the whole loop.
-      q = dataclasses.replace(
-        q,
-        codes=tied(q.codes, tie),
-        scale=tied(q.block_scale(), tie),
-        column_scale=None,
-      )
+    q = self.q if tie is None else tied_fields(self.q, tie)
     w = q.dequantize()
     for op in self.ops:
       w = op(w)
     return w
+
+
+def tied_fields(q: QArray, tie: jax.Array) -> QArray:
+  """``q`` with its codes and scales depending on ``tie`` (see :func:`tied`).
+
+  The scales are tied as their float32 values, which a decode then reads; the
+  codes too: a decode whose lookup of codes depended on nothing that changes would
+  be hoisted out of a loop (a generation loop's while), every weight's levels then
+  held decoded for the whole loop.
+  """
+  return dataclasses.replace(
+    q, codes=tied(q.codes, tie), scale=tied(q.block_scale(), tie), column_scale=None
+  )
 
 
 def tied(value: jax.Array, tie: jax.Array) -> jax.Array:
