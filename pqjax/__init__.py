@@ -1,5 +1,6 @@
 """pqjax: data-free power quantization (PowerQuant) of JAX parameter pytrees."""
 
+from pqjax import lora as lora
 from pqjax import nnx as nnx
 from pqjax._src.core.leaves import path_str as path_str
 from pqjax._src.core.qarray import QArray as QArray
@@ -27,8 +28,7 @@ from pqjax._src.summary import Summary as Summary
 from pqjax._src.summary import nbytes as nbytes
 from pqjax._src.summary import relative_error as relative_error
 from pqjax._src.summary import summary as summary
-
-__version__ = '0.1.0'
+from pqjax._src.version import __version__ as __version__
 
 __all__ = (
   'CheckpointError',
@@ -44,6 +44,7 @@ __all__ = (
   'load_float',
   'load_orbax',
   'load_safetensors',
+  'lora',
   'native_status',
   'nbytes',
   'nnx',

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 import pqjax
 from pqjax._src import sharding
 from pqjax._src.core import blocks
+from pqjax._src.search import tiles
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 devices')
 
@@ -32,7 +33,12 @@ def _specs(shape):
   """Kernels cut on the input axis (K), the output axis (N) and both."""
   if len(shape) == 1:
     return {'input': P('x', None), 'output': P(None, 'x')}
-  specs = {'input': P('x', None), 'output': P(None, 'y'), 'both': P('x', 'y')}
+  specs = {
+    'input': P('x', None),
+    'output': P(None, 'y'),
+    'both': P('x', 'y'),
+    'replicated': P(),
+  }
   return specs if shape == (4, 2) else {**specs, 'all_on_k': P(('x', 'y'), None)}
 
 
@@ -64,7 +70,7 @@ def _check_against_one_device(q, ref, alphas, ref_alphas, leaves):
       np.testing.assert_array_equal(
         np.asarray(getattr(got, f)), np.asarray(getattr(want, f)), err_msg=f'{name}.{f}'
       )
-    spec = leaf.sharding.spec
+    spec = P(*leaf.sharding.spec, *(None,) * (leaf.ndim - len(leaf.sharding.spec)))
     mesh = leaf.sharding.mesh
     assert got.codes.sharding.is_equivalent_to(NamedSharding(mesh, spec), 2), name
     ncol, nk = got.scale.shape[1], got.scale.shape[0]
@@ -127,6 +133,33 @@ def test_bit_budget_matches_one_device(spec):
   q, alphas = pqjax.quantize(leaves, bits_per_weight=4.4)
   assert {k: x.bits for k, x in q.items()} == widths
   _check_against_one_device(q, ref, alphas, ref_alphas, leaves)
+
+
+def test_bounded_tiles_match_one_device(monkeypatch):
+  # Large layers are cut into more than 8 x 8 tiles (tiles.TILE_WEIGHTS); a shape of
+  # its own, as compiled programs are cached by shape.
+  monkeypatch.setattr(tiles, 'TILE_WEIGHTS', 512)
+  assert tiles.counts(640, 136) == (32, 8)
+  params = {'tall': np.random.default_rng(3).standard_t(3, (640, 136)).astype(np.float32)}
+  ref, ref_alphas = pqjax.quantize(params, 4)
+  for spec in (P('x', None), P(('x', 'y'), None), P('x', 'y')):
+    leaves = _put(params, _mesh('2x4'), spec)
+    q, alphas = pqjax.quantize(leaves, 4)
+    _check_against_one_device(q, ref, alphas, ref_alphas, leaves)
+
+
+def test_subnormal_weights_warn_as_on_one_device():
+  # Blocks of subnormal weights decode to zeros; the warning names them wherever the
+  # block's maximum is reduced across devices.
+  w = np.random.default_rng(4).standard_normal((64, 32)).astype(np.float32) * 1e-39
+  w[:, :8] *= 1e38  # normal columns
+  with pytest.warns(UserWarning, match='smallest normal') as want:
+    pqjax.quantize({'w': w}, 4)
+  for spec in (P('x', 'y'), P('x', None), P(('x', 'y'), None), P(None, 'y'), P()):
+    leaves = _put({'w': w}, _mesh('2x4'), spec)
+    with pytest.warns(UserWarning, match='smallest normal') as got:
+      pqjax.quantize(leaves, 4)
+    assert [str(r.message) for r in got] == [str(r.message) for r in want], spec
 
 
 def test_conv_kernel_and_global_exponent():
@@ -393,3 +426,56 @@ def test_stacked_layers_orbax_round_trip_and_rules(tmp_path):
   )
   with pytest.raises(ValueError, match=r'^w: sharding .* after its 1 layer axes'):
     pqjax.quantize({'w': conv}, 4, layer_axes=1)
+
+
+PATHS = ('auto', 'decode', 'fused', 'native', 'kernel')
+
+
+@pytest.mark.parametrize('spec', [P('x', 'y'), P(None, 'y'), P('x', None)])
+def test_explicit_meshes(spec):
+  """jax.make_mesh's default axes are Explicit: quantize, decode and run wrapped
+  products there wherever the float model runs, with one device's results."""
+  mesh = jax.make_mesh((2, 4), ('x', 'y'))
+  assert set(mesh.axis_types) == {jax.sharding.AxisType.Explicit}
+  params = _params(5)
+  ref, ref_alphas = pqjax.quantize(params, 4)
+  leaves = _put(params, mesh, spec)
+  q, alphas = pqjax.quantize(leaves, 4)
+  _check_against_one_device(q, ref, alphas, ref_alphas, leaves)
+  assert pqjax.relative_error(leaves, q) == pqjax.relative_error(params, ref)
+  # Budgets, and a stack split over its layer axis.
+  qb, _ = pqjax.quantize(leaves, bits_per_weight=3.5)
+  rb, _ = pqjax.quantize(params, bits_per_weight=3.5)
+  for name in params:
+    np.testing.assert_array_equal(np.asarray(qb[name].codes), np.asarray(rb[name].codes))
+  stack = jax.device_put(_layers((4, 32, 48), 9), NamedSharding(mesh, P('y', None, None)))
+  qs, _ = pqjax.quantize({'s': stack}, 4, layer_axes=1)
+  rs, _ = pqjax.quantize({'s': np.asarray(stack)}, 4, layer_axes=1)
+  np.testing.assert_array_equal(np.asarray(qs['s'].codes), np.asarray(rs['s'].codes))
+
+  float_params = _put(pqjax.dequantize(ref), mesh, spec)
+  ids = jnp.array([[1, 5, 63, 2]] * 2)
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((3, 256)), jnp.float32)
+  models = {'product': lambda p, x: jnp.tanh(x @ p['dense'])}
+  if spec[0] is None:
+    # A float table sharded on rows cannot be indexed on an Explicit mesh either.
+    models['lookup'] = lambda p, x: p['laplace'][ids]
+  with jax.set_mesh(mesh):
+    for name, model in models.items():
+      want = jax.jit(model)(float_params, x)
+      for path in PATHS:
+        got = jax.jit(pqjax.wrap(model, products=path))(q, x)
+        np.testing.assert_allclose(
+          np.asarray(got),
+          np.asarray(want),
+          rtol=2e-5,
+          atol=2e-5,
+          err_msg=f'{name} {path}',
+        )
+    loss = lambda p, x: jnp.sum(models['product'](p, x) ** 2)
+    np.testing.assert_allclose(
+      np.asarray(jax.jit(jax.grad(pqjax.wrap(loss), argnums=1))(q, x)),
+      np.asarray(jax.jit(jax.grad(loss, argnums=1))(float_params, x)),
+      rtol=1e-4,
+      atol=1e-5,
+    )

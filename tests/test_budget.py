@@ -221,6 +221,9 @@ def test_bad_importance_raises():
     pqjax.quantize(_tree(), bits_per_weight=4.0, importance=lambda p, x: -1.0)
   with pytest.raises(ValueError, match='^a: the importance function raised'):
     pqjax.quantize(_tree(), bits_per_weight=4.0, importance=lambda p, x: 1 / 0)
+  # Without a budget it would weigh nothing: refused, not ignored.
+  with pytest.raises(ValueError, match='bits_per_weight'):
+    pqjax.quantize(_tree(), 4, importance=lambda p, x: 2.0)
 
 
 def test_reachable_range_is_reachable():

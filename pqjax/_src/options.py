@@ -265,6 +265,12 @@ class QuantizeOptions:
     set_('bits', bits)
     set_('bits_per_weight', budget)
     check_importance(self.importance)
+    if self.importance is not None and budget is None:
+      raise ValueError(
+        'importance weighs leaves when a bit budget (bits_per_weight) chooses their'
+        ' widths; without one every leaf gets `bits`: pass bits_per_weight, or no'
+        ' importance'
+      )
     set_('granularity', check_granularity(self.granularity))
     set_('exponent', check_exponent(self.exponent))
     set_('grid', check_grid(self.grid))

@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pqjax._src import budget, encoding, sharding
 from pqjax._src.core import grid, qarray
@@ -59,6 +61,8 @@ class Leaf(NamedTuple):
   value: Any
   layer_axes: int = 0
   transposed: bool = False
+  # Where a leaf replicated on several devices is put back (its value is one copy).
+  replicated: NamedSharding | None = None
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -201,13 +205,26 @@ def select(flat: Sequence[tuple[Any, Any]], options: QuantizeOptions) -> list[Le
       continue
     _check_concrete(name, leaf)
     layer_axes = leaf_layer_axes(options.layer_axes, name, leaf)
+    replicated = _replicated(leaf)
+    if replicated is not None:
+      # Quantized as one device's copy: computed over the whole mesh, programs
+      # reduced in another order (exponent 0.79255 against 0.79267 on 8 devices).
+      leaf = leaf.addressable_data(0)
     if leaf_output_axis(options.output_axis, name, leaf, layer_axes) == -2:
       # The copy (a view for NumPy leaves and streamed tensors) lays out what is
       # quantized; the output keeps the leaf's own shape, marked transposed.
-      chosen.append(Leaf(i, name, leaf.swapaxes(-1, -2), layer_axes, True))
+      chosen.append(Leaf(i, name, leaf.swapaxes(-1, -2), layer_axes, True, replicated))
     else:
-      chosen.append(Leaf(i, name, leaf, layer_axes))
+      chosen.append(Leaf(i, name, leaf, layer_axes, replicated=replicated))
   return chosen
+
+
+def _replicated(leaf: Any) -> NamedSharding | None:
+  """A replicated sharding for a leaf held whole by each of several devices."""
+  s = getattr(leaf, 'sharding', None)
+  if isinstance(s, NamedSharding) and s.is_fully_replicated and s.num_devices > 1:
+    return NamedSharding(s.mesh, P())
+  return None
 
 
 # --- 2. group -----------------------------------------------------------------------
@@ -815,7 +832,10 @@ def assemble(
         e.arrays.columns[j],
       )
       where = None if g.layout is None else placement
-      out[leaf.position] = leaf_qarray(leaf, g.bits, arrays, kind, alpha, options, where)
+      q = leaf_qarray(leaf, g.bits, arrays, kind, alpha, options, where)
+      out[leaf.position] = (
+        q if leaf.replicated is None else jax.device_put(q, leaf.replicated)
+      )
       alpha_out[leaf.position] = alpha if leaf.layer_axes else float(alpha)
       offset += leaf.layer_count
       first += leaf.layer_count

@@ -77,12 +77,6 @@ def _entry(axes: Axes) -> str | Axes | None:
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def _axes(entry: Any) -> Axes:
-  if entry is None:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def layout_of(name: str, leaf: Any, layer_axes: int = 0) -> Layout | None:
   """The layout of a sharded leaf; None where one device holds all of it.
 
@@ -98,7 +92,7 @@ def layout_of(name: str, leaf: Any, layer_axes: int = 0) -> Layout | None:
     )
   shape = tuple(leaf.shape)
   spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-  every = [_axes(e) for e in spec]
+  every = [operator.axis_names(e) for e in spec]
   laxes, axes, view = every[:layer_axes], every[layer_axes:], shape[layer_axes:]
   leading = [i for i, a in enumerate(axes[:-1]) if a]
   # A shard of the flattened K is contiguous only if it is cut along the outermost
@@ -202,14 +196,14 @@ def group_stats(
     m = jax.vmap(functools.partial(block_absmax, ncol=ncol))(w3)
     bad = jnp.sum(~jnp.isfinite(m), axis=(1, 2, 3))
     if nk == 1 and layout.kaxes:
-      m = jax.lax.pmax(m, layout.kaxes)
+      m = _pmax_bits(m, layout.kaxes)
     if ncol == 1 and layout.naxes:
-      m = jax.lax.pmax(m, layout.naxes)
+      m = _pmax_bits(m, layout.naxes)
     xs = operator.divide(w3, m)  # as stats.prepare
     # As stats.group_stats: blocks weighed by their scales over the layer's largest.
-    largest = jnp.max(m.reshape(m.shape[0], -1), axis=1)
+    largest = block_absmax(m.reshape(m.shape[0], -1, 1), 1).reshape(-1)
     if every:
-      largest = jax.lax.pmax(largest, every)
+      largest = _pmax_bits(largest, every)
     weight = stats.normalise(m, stats.scale_exponent(largest))
     if every:
       bad = jax.lax.psum(bad, every)
@@ -242,6 +236,15 @@ def group_stats(
     jax.lax.with_sharding_constraint(x, _replicated(layout)) for x in (bad, m, binned)
   )
   return bad == 0, m, binned
+
+
+def _pmax_bits(x: jax.Array, axes: Axes) -> jax.Array:
+  """``pmax`` of non-negative floats by their bit patterns, as :func:`block_absmax`
+  takes a maximum: XLA compares subnormals as zeros, and a block of subnormal
+  weights sharded over K lost its nonzero maximum (no warning that it decodes to
+  zeros)."""
+  bits = jax.lax.pmax(jax.lax.bitcast_convert_type(x, jnp.int32), axes)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def _reduce(sums: jax.Array, every: Axes, kx: int, nx: int) -> jax.Array:
@@ -327,16 +330,18 @@ def encode_layers(
   v = layout.view(True, True)
   s = layout.view(nk > 1, ncol > 1)
   scales = per_leaf(layout.per_layer(*s))
+  in_specs = (
+    per_leaf(layout.spec),
+    per_leaf(layout.per_layer()),
+    per_leaf(layout.per_layer()),
+    per_leaf(_scale_spec(layout, nk, ncol)),
+    per_leaf(layout.per_layer()),
+  )
+  args = (tuple(leaves), cut(alpha), cut(clip), cut(absmax), cut(storage))
   out = jax.shard_map(
     local,
     mesh=layout.mesh,
-    in_specs=(
-      per_leaf(layout.spec),
-      per_leaf(layout.per_layer()),
-      per_leaf(layout.per_layer()),
-      per_leaf(_scale_spec(layout, nk, ncol)),
-      per_leaf(layout.per_layer()),
-    ),
+    in_specs=in_specs,
     out_specs=(
       per_leaf(layout.per_layer(*v)),
       scales,
@@ -344,8 +349,25 @@ def encode_layers(
       # One column scale per column, sharded as the columns.
       per_leaf(layout.per_layer(None, s[1])),
     ),
-  )(tuple(leaves), cut(alpha), cut(clip), cut(absmax), cut(storage))
+  )(*_placed(layout.mesh, in_specs, args))
   return encoding.Encoding(*(list(x) for x in out))
+
+
+def _placed(mesh: Mesh | AbstractMesh, specs: Any, args: Any) -> Any:
+  """``args`` sharded as ``specs`` say, where the mesh's axes are Explicit.
+
+  shard_map takes such arrays only as they are sharded (the per-layer exponents of
+  a stack split over its layer axis are made replicated); on an Auto mesh it
+  reshards them itself.
+  """
+  if jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    return args
+  return jax.tree.map(
+    lambda spec, x: jax.sharding.reshard(x, NamedSharding(mesh, spec)),
+    specs,
+    args,
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 # --- placement of the small arrays -------------------------------------------------

@@ -37,7 +37,7 @@ from pqjax._src.core import operator, packing
 from pqjax._src.core.blocks import block_absmax, block_view
 from pqjax._src.core.grid import num_levels
 from pqjax._src.core.qarray import QArray
-from pqjax._src.io import atomic, orbax, sources, treespec
+from pqjax._src.io import atomic, inputs, orbax, sources, treespec
 from pqjax._src.io.writer import Writer
 from pqjax._src.options import QuantizeOptions
 from pqjax._src.search import stats, tiles
@@ -386,6 +386,12 @@ def _lost_blocks(absmax: np.ndarray, scale: np.ndarray) -> int:
   return int(np.sum((absmax.reshape(-1) > 0) & (scale.reshape(-1) == 0)))
 
 
+def _inside(path: Path, folder: Path) -> bool:
+  """Whether ``path`` is ``folder`` or lies in it (links resolved)."""
+  path, folder = path.resolve(), folder.resolve()
+  return path == folder or folder in path.parents
+
+
 # --- the output's layout ------------------------------------------------------------
 
 
@@ -451,7 +457,7 @@ def quantize_checkpoint(
   dst: str | os.PathLike,
   bits: int | tuple[int, int] | None = None,
   *,
-  layout: sources.Layout = 'auto',
+  layout: inputs.Layout = 'auto',
   shard_bytes: int = SHARD_BYTES,
   working_set: int = WORKING_SET,
   overwrite: bool = False,
@@ -493,7 +499,9 @@ def quantize_checkpoint(
     ValueError, TypeError: as :func:`pqjax.quantize`.
   """
   dst = Path(dst)
-  with sources.open_source(src, layout) as source:
+  if _inside(Path(src), dst):
+    raise ValueError(f'{dst}: writing there would replace the input {src}')
+  with inputs.open_source(src, layout) as source:
     opts = QuantizeOptions(bits=bits, **{'output_axis': source.output_axis, **options})
     flat = [(_key_path(t.path), t) for t in source]
     groups = quantize.group(quantize.select(flat, opts), opts)

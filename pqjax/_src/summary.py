@@ -11,7 +11,7 @@ import numpy as np
 
 from pqjax._src.core.blocks import matrix_shape
 from pqjax._src.core.leaves import is_array, is_float_array, path_str
-from pqjax._src.core.qarray import QArray, is_qarray
+from pqjax._src.core.qarray import LoraArray, QArray, is_lora, is_qarray
 
 
 def leaf_nbytes(x: Any) -> int:
@@ -151,6 +151,9 @@ class Summary:
   float_bytes: int
   other_leaves: int
   other_bytes: int
+  # LoRA adapters (``pqjax.lora``): how many leaves have one, and their a and b bytes.
+  adapters: int = 0
+  adapter_bytes: int = 0
 
   @property
   def quantized_before(self) -> int:
@@ -177,12 +180,14 @@ class Summary:
   @property
   def total_before(self) -> int:
     """Bytes of the tree with every quantized leaf back at its original dtype."""
-    return self.quantized_before + self.float_bytes + self.other_bytes
+    return (
+      self.quantized_before + self.float_bytes + self.other_bytes + self.adapter_bytes
+    )
 
   @property
   def total_after(self) -> int:
     """Bytes of the tree as it is: equal to :func:`nbytes`."""
-    return self.quantized_after + self.float_bytes + self.other_bytes
+    return self.quantized_after + self.float_bytes + self.other_bytes + self.adapter_bytes
 
   @property
   def ratio(self) -> float:
@@ -247,6 +252,14 @@ class Summary:
     out += [
       f'float leaves kept: {self.float_leaves}, {self.float_bytes:,} bytes',
       f'other leaves kept: {self.other_leaves}, {self.other_bytes:,} bytes',
+    ]
+    if self.adapters:
+      out.append(
+        f'LoRA adapters: {self.adapters}, {self.adapter_bytes:,} bytes'
+        f' ({8 * self.adapter_bytes / max(sum(x.size for x in self.leaves), 1):.3f}'
+        ' bits per quantized weight more)'
+      )
+    out += [
       f'total: {self.total_before:,} -> {self.total_after:,} bytes'
       f' ({self.total_before / 1e6:.2f} MB -> {self.total_after / 1e6:.2f} MB,'
       f' {self.ratio:.2f}x smaller)',
@@ -306,8 +319,14 @@ def _leaf_summary(path: str, q: QArray) -> LeafSummary:
 def summary(tree: Any) -> Summary:
   """Summarises a quantized tree: each QArray's storage, and the kept leaves' bytes."""
   leaves, float_leaves, float_bytes, other_leaves, other_bytes = [], 0, 0, 0, 0
-  for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_qarray):
-    if isinstance(x, QArray):
+  adapters = adapter_bytes = 0
+  is_node = lambda x: is_qarray(x) or is_lora(x)
+  for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_node):
+    if isinstance(x, LoraArray):
+      leaves.append(_leaf_summary(path_str(path), x.base))
+      adapters += 1
+      adapter_bytes += leaf_nbytes(x.a) + leaf_nbytes(x.b)
+    elif isinstance(x, QArray):
       leaves.append(_leaf_summary(path_str(path), x))
     elif is_float_array(x):
       float_leaves += 1
@@ -321,4 +340,6 @@ def summary(tree: Any) -> Summary:
     float_bytes=float_bytes,
     other_leaves=other_leaves,
     other_bytes=other_bytes,
+    adapters=adapters,
+    adapter_bytes=adapter_bytes,
   )

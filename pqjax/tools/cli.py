@@ -221,6 +221,10 @@ def _quantize(args: argparse.Namespace) -> int:
       f'{out}: a .safetensors name is read as a safetensors file, but --format'
       f' {fmt} writes a folder; name it without that suffix'
     )
+  source, target = Path(args.input).resolve(), Path(out).resolve()
+  if source == target or target in source.parents:
+    # Even with --force: the input is never replaced by its own quantization.
+    return _error(f'{out}: writing there would replace the input {args.input}')
   if os.path.lexists(out) and not args.force:
     return _error(f'{out} exists; pass --force to overwrite it', EXIT_EXISTS)
   if os.path.isdir(out) and not os.path.islink(out) and not _replaceable_dir(out):

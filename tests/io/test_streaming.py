@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 
 import pqjax
 from pqjax._src.core.qarray import is_qarray
+from pqjax._src.search import tiles
 
 FIELDS = ('codes', 'scale', 'column_scale', 'alpha', 'table')
 
@@ -116,6 +117,21 @@ def test_sharded_bf16_folder_is_bit_identical(folder, tmp_path, case, working_se
   out = tmp_path / 'out'
   pqjax.quantize_checkpoint(src, out, working_set=working_set, **options)
   _assert_identical(pqjax.load(out), want)
+
+
+def test_bounded_tiles_are_bit_identical(tmp_path, monkeypatch):
+  # A shape of its own (compiled programs are cached by shape) in more than the
+  # 8 x 8 tiles a layer had before tiles were bounded: read and summed one at a time.
+  monkeypatch.setattr(tiles, 'TILE_WEIGHTS', 256)
+  assert tiles.counts(320, 136) == (32, 8)  # tiles of 10 x 17 weights
+  rng = np.random.default_rng(5)
+  tensors = {'w.kernel': rng.standard_t(3, (320, 136)).astype(ml_dtypes.bfloat16)}
+  _write_shards(tmp_path / 'src', tensors, split=1)
+  for options in (dict(bits=4), dict(bits=3, granularity=8)):
+    want, _ = pqjax.quantize(_tree(tensors), **options)
+    out = tmp_path / f'out{len(options)}'
+    pqjax.quantize_checkpoint(tmp_path / 'src', out, working_set=1 << 12, **options)
+    _assert_identical(pqjax.load(out), want)
 
 
 def test_output_is_sharded_with_an_index_under_the_cap(folder, tmp_path):

@@ -71,6 +71,24 @@ def test_gradients_flow_to_activations_and_float_parameters():
       close(g, w, rtol=1e-4)
 
 
+@pytest.mark.parametrize('bits', [3, 4])
+def test_pallas_kernel_products_differentiate(bits):
+  # A Pallas kernel has no derivative of its own (jax.grad failed to linearize it).
+  params_q, dq = quantized({'w': (24, 8)}, bits=bits)
+  loss = lambda p, x: jnp.sum(jnp.tanh(x @ p['w']) ** 2)
+  x = jax.random.normal(jax.random.key(4), (5, 24))
+  wrapped = pqjax.wrap(loss, products='kernel')
+  assert [u.path for u in pqjax.quantized_products(wrapped, params_q, x)] == ['kernel']
+  close(
+    jax.jit(jax.grad(wrapped, argnums=1))(params_q, x), jax.grad(loss, 1)(dq, x), 1e-4
+  )
+  t = jnp.cos(x)
+  got = jax.jvp(lambda x: wrapped(params_q, x), (x,), (t,))
+  want = jax.jvp(lambda x: loss(dq, x), (x,), (t,))
+  close(got[0], want[0])
+  close(got[1], want[1], 1e-4)
+
+
 @pytest.mark.parametrize('bits', [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize('granularity', ['channel', 'tensor', 7])
 def test_row_lookups_decode_only_their_rows(bits, granularity):

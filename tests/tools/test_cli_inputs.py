@@ -145,6 +145,20 @@ def test_force_replaces_only_files_and_checkpoints(tmp_path, capsys):
   assert pqjax.load(other)['embed'].bits == 4
 
 
+def test_output_never_replaces_the_input(tmp_path, capsys):
+  source = tmp_path / 'p.safetensors'
+  save_file({'w': np.ones((8, 8), np.float32)}, source)
+  before = source.read_bytes()
+  assert main(['quantize', str(source), str(source), '--force']) != 0
+  assert 'replace the input' in _error_line(capsys)
+  with pytest.raises(ValueError, match='replace the input'):
+    pqjax.quantize_checkpoint(source, source, overwrite=True)
+  # Nor a folder holding it.
+  with pytest.raises(ValueError, match='replace the input'):
+    pqjax.quantize_checkpoint(source, tmp_path, overwrite=True)
+  assert source.read_bytes() == before
+
+
 def test_compile_cache_folder_and_switches(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(jax.config, 'update', lambda *a: calls.append(a))

@@ -8,6 +8,8 @@ scales have shape ``(nk, 1, ncol)``. See :mod:`grid` for the levels.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -100,7 +102,60 @@ def encode(
 
 def decode(q: jax.Array, scale: jax.Array, table: jax.Array) -> jax.Array:
   """Float32 block view from signed codes: one table lookup and one multiply."""
-  return jnp.take(table, q + zero_code(table.shape[0]), axis=0) * scale
+  return take(table, q + zero_code(table.shape[0])) * scale
+
+
+def take(
+  table: jax.Array, index: jax.Array, axis: int = 0, *, mode: str | None = None
+) -> jax.Array:
+  """``jnp.take(table, index, axis, mode=mode)``, with its sharding given on an
+  Explicit mesh.
+
+  A lookup in a table by sharded codes (or in a sharded table by replicated rows)
+  has no sharding JAX infers where the mesh's axes are Explicit
+  (``jax.make_mesh``'s default): it raises ``ShardingTypeError`` unless told that
+  the result is sharded as the index, then as the table's other axes.
+  """
+  mesh = explicit_mesh(index, table)
+  if mesh is None and mode is None:
+    return jnp.take(table, index, axis=axis)
+  t = jnp.moveaxis(table, axis, 0)
+  sharding = None
+  if mesh is not None:
+    by_index = spec(index)
+    used = {a for e in by_index for a in axis_names(e)}
+    rest = [None if used & set(axis_names(e)) else e for e in spec(t)[1:]]
+    sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(*by_index, *rest)
+    )
+  # jnp.take has no mode="promise_in_bounds"; .at[].get has both.
+  out = t.at[index].get(mode=mode, out_sharding=sharding)
+  return jnp.moveaxis(
+    out, tuple(range(index.ndim, index.ndim + axis)), tuple(range(axis))
+  )
+
+
+def explicit_mesh(*arrays: jax.Array) -> jax.sharding.AbstractMesh | None:
+  """The mesh of the first array typed with Explicit mesh axes, if any: there JAX
+  asks for the shardings it cannot infer."""
+  for x in arrays:
+    mesh = getattr(jax.typeof(x).sharding, 'mesh', None)
+    if mesh is not None and jax.sharding.AxisType.Explicit in mesh.axis_types:
+      return mesh
+  return None
+
+
+def spec(x: jax.Array) -> tuple[Any, ...]:
+  """The partition spec of ``x``'s type, one entry an axis."""
+  spec = tuple(jax.typeof(x).sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def axis_names(entry: Any) -> tuple[str, ...]:
+  """The mesh axes of one partition spec entry: None, a name or a tuple of names."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def reconstruct(

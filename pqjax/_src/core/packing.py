@@ -13,6 +13,7 @@ import numpy as np
 
 from pqjax._src.core.blocks import block_view
 from pqjax._src.core.grid import qmax, zero_code
+from pqjax._src.core.operator import take
 
 # Widths packed as unsigned table indices; 8-bit codes are stored one signed int8 a
 # byte. At 3 and 5 to 7 bits a unit is 8 codes in ``bits`` bytes, so a mix of
@@ -154,11 +155,11 @@ def decode_packed(
   """
   n = packed.shape[-1]
   if bits in (2, 4):
-    levels = jnp.take(byte_table(table, bits), packed.astype(jnp.int32), axis=1)
+    levels = take(byte_table(table, bits), packed.astype(jnp.int32), axis=1)
     levels = levels.transpose(1, 0, 2).reshape(-1, n)[:k]
   else:
     zero = zero_code(table.shape[0])
-    levels = jnp.take(table, unpack(packed, bits, k, zero) + zero, axis=0)
+    levels = take(table, unpack(packed, bits, k, zero) + zero)
   nk = scale.shape[0]
   return (block_view(levels, nk) * scale).reshape(-1, n)[:k]
 

@@ -245,18 +245,137 @@ def is_qarray(x: object) -> bool:
   return isinstance(x, QArray)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraArray:
+  """A frozen :class:`QArray` with a trainable low-rank adapter (LoRA).
+
+  The weight it stands for is ``W + a @ b * scale`` on the base's ``(K, N)`` view
+  (:attr:`QArray.matrix_shape`), one adapter per layer of a leaf with layer axes;
+  for a ``transposed`` base the leaf is that view's transpose. ``pqjax.wrap``
+  computes a product with it as ``x @ W + ((x @ a) @ b) * scale``, the base read
+  by the same paths as a plain QArray's; :meth:`dequantize` adds the adapter to
+  the decoded weight. Built by :func:`pqjax.lora.init`.
+
+  Attributes:
+    base: the quantized weight, never updated by training.
+    a: ``(*layers, K, rank)`` floating.
+    b: ``(*layers, rank, N)`` floating.
+    scale: the adapter's multiplier, ``alpha / rank`` (static: a Python float).
+  """
+
+  base: QArray
+  a: jax.Array
+  b: jax.Array
+  scale: float
+
+  def __post_init__(self) -> None:
+    # Pytree utilities rebuild nodes with placeholder leaves, and split/merge/mask
+    # hold halves of a node (None or bools in place of fields): check full ones.
+    if not (
+      isinstance(self.base, QArray)
+      and is_array(self.base.codes)
+      and is_array(self.a)
+      and is_array(self.b)
+    ):
+      return
+    check_adapter(self.base, self.a, self.b)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.base.shape
+
+  @property
+  def dtype(self) -> np.dtype:
+    return self.base.dtype
+
+  @property
+  def ndim(self) -> int:
+    return self.base.ndim
+
+  @property
+  def rank(self) -> int:
+    return int(self.a.shape[-1])
+
+  def delta(self) -> jax.Array:
+    """``a @ b * scale`` laid out as the leaf, in the adapters' dtype."""
+    return adapter_delta(self.base, self.a, self.b, self.scale)
+
+  def dequantize(self) -> jax.Array:
+    """The decoded base plus the adapter, in the base's shape and dtype.
+
+    The frozen half of :func:`pqjax.lora.split` (no ``a`` nor ``b``) decodes as its
+    base.
+    """
+    if self.a is None and self.b is None:
+      return self.base.dequantize()
+    return add_delta(self.base.dequantize(), self.delta(), self.base.dtype)
+
+  def __repr__(self) -> str:
+    # split() and mask() hold halves of a node: a and b may be None or bools.
+    rank = self.rank if is_array(self.a) and self.a.ndim else None
+    return f'LoraArray(base={self.base!r}, rank={rank}, scale={self.scale})'
+
+
+jax.tree_util.register_dataclass(
+  LoraArray, data_fields=['base', 'a', 'b'], meta_fields=['scale']
+)
+
+
+def check_adapter(base: QArray, a: Any, b: Any) -> None:
+  """Raises ValueError unless ``a`` and ``b`` are an adapter of ``base``'s shape."""
+  k, n = base.matrix_shape
+  layers = base.layers
+  rank = a.shape[-1] if a.ndim else 0
+  want_a, want_b = (*layers, k, rank), (*layers, rank, n)
+  if rank < 1 or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+    stack = f'layers {layers} of ' if layers else ''
+    raise ValueError(
+      f'adapter shapes a {tuple(a.shape)}, b {tuple(b.shape)} do not fit a weight of'
+      f' {stack}(K, N) = ({k}, {n}): want a {(*layers, k, "rank")} and b'
+      f' {(*layers, "rank", n)} with rank >= 1'
+    )
+  for name, x in (('a', a), ('b', b)):
+    if not jax.dtypes.issubdtype(np.dtype(x.dtype), np.floating):
+      raise ValueError(f'adapter {name} dtype {np.dtype(x.dtype).name} is not floating')
+
+
+def adapter_delta(base: QArray, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """``a @ b * scale`` on ``base``'s ``(K, N)`` view, laid out as the leaf."""
+  d = jax.numpy.matmul(a, b) * scale
+  if base.transposed:
+    return d.swapaxes(-1, -2)
+  return d.reshape(base.shape)
+
+
+def add_delta(w: jax.Array, delta: jax.Array, dtype: Any) -> jax.Array:
+  """``w + delta`` summed in the wider of their dtypes, then cast to ``dtype``."""
+  wide = jax.numpy.promote_types(w.dtype, delta.dtype)
+  return (w.astype(wide) + delta.astype(wide)).astype(dtype)
+
+
+def is_lora(x: object) -> bool:
+  return isinstance(x, LoraArray)
+
+
+def is_stored(x: object) -> bool:
+  """A quantized leaf as ``wrap`` takes it: a :class:`QArray` or :class:`LoraArray`."""
+  return isinstance(x, QArray | LoraArray)
+
+
 def dequantize(tree: Any) -> Any:
   """Replaces every :class:`QArray` in ``tree`` by its decoded array.
 
   Args:
-    tree: any pytree, e.g. ``params_q`` from :func:`pqjax.quantize`.
+    tree: any pytree, e.g. ``params_q`` from :func:`pqjax.quantize`, or a tree with
+      LoRA adapters from :func:`pqjax.lora.init`.
 
   Returns:
-    ``tree`` with each QArray decoded to its original shape and dtype; other leaves
-    as they are.
+    ``tree`` with each QArray decoded to its original shape and dtype, each
+    :class:`LoraArray` to its decoded base plus ``a @ b * scale`` (in the base's
+    dtype); other leaves as they are.
   """
   return jax.tree_util.tree_map(
-    lambda x: x.dequantize() if isinstance(x, QArray) else x, tree, is_leaf=is_qarray
+    lambda x: x.dequantize() if is_stored(x) else x, tree, is_leaf=is_stored
   )
 
 

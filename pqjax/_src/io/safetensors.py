@@ -23,6 +23,7 @@ from pqjax._src.io.treespec import (
   flatten,
   host,
   metadata,
+  nest,
   unflatten,
   verify,
 )
@@ -144,46 +145,18 @@ def load(path: PathLike, target: Any = None) -> Any:
   """Loads a tree saved by :func:`save`, bit for bit, through a memory map: each
   tensor is copied onto the device (or where ``target``'s leaves' shardings place
   it) and its pages handed back."""
-  from pqjax._src.io import shards, sources
+  from pqjax._src.io import mapped, sources
 
   path = Path(path)
   stored, meta = sources.header(path)
   with sources.Source(sources.flat_tensors(stored, sep=None), str(path)) as source:
-    return shards.from_maps(source, meta, path, target)
+    return mapped.from_maps(source, meta, path, target)
 
 
 def from_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> Any:
   spec = check_metadata(meta, path)
   verify(meta, tensors, path)
   return unflatten(spec, tensors, path)
-
-
-def nest(
-  tensors: dict[str, Any], where: PathLike = '<tensors>', sep: str = '.'
-) -> dict[str, Any]:
-  """Nested dicts from flat names split on ``sep`` (``encoder.layer.0.weight``)."""
-  root: dict[str, Any] = {}
-  owner: dict[int, str] = {}  # id of each inner dict -> the name that made it
-  for name in sorted(tensors):
-    *parents, last = name.split(sep)
-    node = root
-    for i, part in enumerate(parents):
-      child = node.setdefault(part, {})
-      if not isinstance(child, dict):
-        raise CheckpointError(
-          f'{where}: tensor names {sep.join(parents[: i + 1])!r}'
-          f' and {name!r} clash: one is a prefix of the other'
-        )
-      owner.setdefault(id(child), name)
-      node = child
-    if last in node:
-      other = owner.get(id(node[last]), name)
-      raise CheckpointError(
-        f'{where}: tensor names {name!r} and {other!r} clash: one'
-        ' is a prefix of the other'
-      )
-    node[last] = tensors[name]
-  return root
 
 
 def read_float(path: Path) -> Any:

@@ -17,10 +17,9 @@ import dataclasses
 import json
 import math
 import mmap
-import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -284,7 +283,11 @@ class Source:
         return np.array(view)
       matrix = view.reshape(-1, view.shape[-1]) if view.ndim != 2 else view
       block = matrix[rows or slice(None), cols or slice(None)]
-      if tensor.perm is not None or not block.size:
+      if not block.size:
+        return np.array(block)
+      if tensor.perm == (1, 0):
+        return self._read_transposed(s, block, cols)
+      if tensor.perm is not None:
         return np.array(block)
       # Some columns of every row touch every page of the rows: copied a block of
       # rows at a time, each block's pages handed back, so the tensor's pages are
@@ -299,6 +302,21 @@ class Source:
       return out
     finally:
       self.release(s)
+
+  def _read_transposed(
+    self, s: Stored, block: np.ndarray, cols: slice | None
+  ) -> np.ndarray:
+    """A copy of ``block``, some columns of a transposed 2-D tensor: columns are
+    stored rows, copied a block of them at a time with their pages handed back (the
+    rows of an 8B model's head held 131 MB of file pages per tile column read)."""
+    out = np.empty(block.shape, block.dtype)
+    first = (cols or slice(None)).indices(s.shape[0])[0]
+    row_bytes = s.shape[1] * s.dtype.itemsize
+    step = max(1, BLOCK_BYTES // row_bytes)
+    for c0 in range(0, block.shape[1], step):
+      out[:, c0 : c0 + step] = block[:, c0 : c0 + step]
+      self.release(s, (first + c0) * row_bytes, (first + c0 + step) * row_bytes)
+    return out
 
   def view(self, s: Stored) -> np.ndarray:
     """The stored tensor's bytes as a read-only array, mapped, not read."""
@@ -384,7 +402,7 @@ def open_orbax(directory: Path) -> OrbaxSource:
   a float tree saved by :func:`pqjax.save` in the Orbax format (its ``arrays/``)."""
   meta_file = directory / orbax.METADATA_FILE
   if meta_file.exists():
-    _refuse_quantized(orbax.read_json(meta_file, directory), directory)
+    refuse_quantized(orbax.read_json(meta_file, directory), directory)
     directory = directory / orbax.ARRAYS_DIR
   import jax
   import orbax.checkpoint as ocp
@@ -412,55 +430,13 @@ def open_orbax(directory: Path) -> OrbaxSource:
   return OrbaxSource(out, f'{directory} (Orbax)', 'zarr3' if zarr3 else 'zarr')
 
 
-# How a source's tensors are named and laid out: "auto" converts a Hugging Face
-# folder to its Flax model's tree; "none" keeps names and layouts, output features
-# last; "torch" keeps them with every 2-D tensor's output features first, as
-# PyTorch stores Linear and Embedding weights.
-Layout = Literal['auto', 'none', 'torch']
-LAYOUTS: tuple[Layout, ...] = ('auto', 'none', 'torch')
-
-
-def open_source(path: os.PathLike | str, layout: Layout = 'auto') -> Source:
-  """A :class:`Source` for a safetensors file, a folder of shards or a Hugging Face
-  model folder, in ``layout`` (see :data:`Layout`)."""
-  if layout not in LAYOUTS:
-    raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
-  source = _open(Path(path), layout)
-  if layout == 'torch':
-    source.output_first = frozenset(t.path for t in source if t.ndim == 2)
-  return source
-
-
 def is_orbax(path: Path) -> bool:
   """Whether a folder holds an Orbax checkpoint (or a pqjax one in that format)."""
   return (path / '_METADATA').exists() or (path / orbax.METADATA_FILE).exists()
 
 
-def _refuse_quantized(meta: Any, where: Path) -> None:
+def refuse_quantized(meta: Any, where: Path) -> None:
   """CheckpointError for pqjax metadata of a quantized tree: not a float source."""
   tree = meta.get('tree', '') if isinstance(meta, dict) else ''
   if '"qarray"' in str(tree):
     raise CheckpointError(f'{where}: already quantized (a pqjax checkpoint)')
-
-
-def _open(path: Path, layout: Layout) -> Source:
-  if not path.exists():
-    raise CheckpointError(f'{path}: no such file or directory')
-  if path.is_dir() and is_orbax(path):
-    return open_orbax(path)
-  if path.is_dir():
-    stored, _ = shard_files(path)
-    description = f'{path} ({len(stored)} tensors)'
-    if layout == 'auto' and (path / 'config.json').exists():
-      from pqjax._src.io import hf_layout
-
-      tensors = hf_layout.flax_tensors(path, stored)
-      return Source(tensors, description, hf_layout.output_first(path, tensors))
-  else:
-    stored, meta = header(path)
-    description = f'{path} ({len(stored)} tensors)'
-    if meta.get('format') == 'pqjax':
-      # A pqjax checkpoint names its tensors by their paths.
-      _refuse_quantized(meta, path)
-      return Source(flat_tensors(stored, sep='/'), description)
-  return Source(flat_tensors(stored), description)

@@ -174,14 +174,16 @@ class Writer:
 
   def _checksum(self) -> str:
     """:func:`treespec.checksum` of what was written, read back through memory maps
-    whose pages are handed back after each tensor."""
+    whose pages are handed back a block at a time."""
     fields = {k: v for k, v in self.meta.items() if k != 'sha256'}
     with sources.Source(
       sources.flat_tensors(self.slots, sep=None), str(self.path)
     ) as src:
       views = {name: src.view(s) for name, s in self.slots.items()}
       try:
-        return checksum(fields, views, lambda name: src.release(self.slots[name]))
+        return checksum(
+          fields, views, lambda name, lo, hi: src.release(self.slots[name], lo, hi)
+        )
       finally:
         del views  # the maps close once nothing views them
 

@@ -116,7 +116,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pqjax._src.core.grid import MAX_BITS, MIN_BITS
-from pqjax._src.core.packing import codes_per_unit, packed_rows
+from pqjax._src.core.operator import explicit_mesh
+from pqjax._src.core.packing import codes_per_unit, decode_packed, packed_rows
 
 Method = Literal['auto', 'dot', 'gemv']
 Lookup = Literal['gather', 'select']
@@ -677,6 +678,29 @@ def packed_matmul(
     ``(M, N)`` in ``out_dtype``, accumulated in float32.
   """
   _check(x, codes, scale, table, bits, k)
+  mesh = explicit_mesh(x, codes, scale, table)
+  if mesh is not None:
+    # The kernel reads whole operands: on an Explicit mesh it runs with the mesh's
+    # axes Auto, where XLA gathers them (as on an Auto mesh), and a replicated result.
+    fn = functools.partial(
+      packed_matmul,
+      bits=bits,
+      k=k,
+      block_m=block_m,
+      block_n=block_n,
+      block_k=block_k,
+      split_k=split_k,
+      method=method,
+      lookup=lookup,
+      num_warps=num_warps,
+      num_stages=num_stages,
+      prefetch=prefetch,
+      precision=precision,
+      interpret=interpret,
+      out_dtype=out_dtype,
+    )
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.sharding.auto_axes(fn, out_sharding=whole)(x, codes, scale, table)
   if lookup not in ('gather', 'select'):
     raise ValueError(f'lookup must be "gather" or "select", got {lookup!r}')
   if lookup == 'select' and bits > SELECT_MAX_BITS:
@@ -745,7 +769,50 @@ def packed_matmul(
     ),
     name=f'pqjax_packed_matmul_{bits}b',
   )
-  out = call(x, codes, scale, table)
-  if splits > 1:
-    out = jnp.sum(out, axis=0).astype(out_dtype)
-  return out
+
+  def run(x: jax.Array, codes: jax.Array, scale: jax.Array, table: jax.Array):
+    out = call(x, codes, scale, table)
+    return jnp.sum(out, axis=0).astype(out_dtype) if splits > 1 else out
+
+  product = jax.custom_jvp(run)
+  product.defjvp(
+    functools.partial(_product_jvp, run, bits=bits, k=k, out_dtype=out_dtype),
+    symbolic_zeros=True,
+  )
+  return product(x, codes, scale, table)
+
+
+def _product_jvp(
+  run: Callable[..., jax.Array],
+  primals: tuple[jax.Array, ...],
+  tangents: tuple[Any, ...],
+  *,
+  bits: int,
+  k: int,
+  out_dtype: Any,
+) -> tuple[jax.Array, jax.Array]:
+  """The kernel's value, and its derivative through the product written in JAX.
+
+  A Pallas kernel has no derivative of its own; the product is linear in ``x`` and
+  the tangent ``t @ W`` (with ``W`` decoded) transposes to ``g @ W.T``, so gradients
+  decode the weight where the backward product runs, as the XLA paths do.
+  """
+  out = run(*primals)
+  live = [
+    i
+    for i, t in enumerate(tangents)
+    if i != 1 and not isinstance(t, jax.custom_derivatives.SymbolicZero)
+  ]
+  if not live:
+    return out, jnp.zeros_like(out)
+
+  def reference(*values: jax.Array) -> jax.Array:
+    x, codes, scale, table = (
+      values[live.index(i)] if i in live else p for i, p in enumerate(primals)
+    )
+    w = decode_packed(codes, scale.astype(jnp.float32)[:, None, :], table, bits, k)
+    y = jnp.matmul(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
+    return y.astype(out_dtype)
+
+  _, t_out = jax.jvp(reference, [primals[i] for i in live], [tangents[i] for i in live])
+  return out, t_out

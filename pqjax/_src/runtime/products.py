@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core
 
-from pqjax._src.core import grid, packing
-from pqjax._src.core.qarray import QArray
+from pqjax._src.core import grid, operator, packing
+from pqjax._src.core.qarray import QArray, add_delta
 from pqjax._src.runtime import activations, pallas_matmul, small_product
+from pqjax._src.runtime.binding import bind
 from pqjax._src.runtime.native import library as native_library
 from pqjax._src.runtime.native import product as native_product
-from pqjax._src.runtime.weights import Weight, tied_fields
-
-if TYPE_CHECKING:
-  from pqjax._src.runtime.rewrite import Rewriter
+from pqjax._src.runtime.weights import Adapter, Weight, tied_fields
 
 PRODUCTS = frozenset({'dot_general', 'conv_general_dilated'})
 
@@ -306,46 +304,132 @@ def _choose(
   return 'decode'
 
 
-def product(rewriter: Rewriter, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
-  """A dot_general or convolution with a quantized weight operand."""
-  from pqjax._src.runtime.rewrite import bind
+def _decoded(values: list[Any]) -> list[Any]:
+  return [v.decode() if isinstance(v, Weight) else v for v in values]
 
+
+def product(
+  eqn: core.JaxprEqn, invals: list[Any], options: Options
+) -> tuple[list[Any], list[Product]]:
+  """A dot_general or convolution with a quantized weight operand: its outputs, and
+  how its quantized operand was read (none where both operands are quantized)."""
   weights = [i for i in (0, 1) if isinstance(invals[i], Weight)]
   if len(weights) == 2:  # two weights: decode both, no activation to quantize
-    return bind(eqn, rewriter.arrays(invals))
+    return bind(eqn, _decoded(invals)), []
   w_index = weights[0]
   a_index = 1 - w_index
   weight: Weight = invals[w_index]
-  options = rewriter.options
   x = activations.quantize_input(
     options.activations, eqn, invals[a_index], a_index, weight.alpha
   )
   view = _stored_view(eqn, weight, w_index, x)
   rows = math.prod(x.shape[i] for i in view.x_free) if view is not None else 0
   how = _choose(options, view, rows, weight, x)
-  rewriter.seen.append(
-    Product(
-      primitive=eqn.primitive.name,
-      weight=weight.path,
-      activation_shape=tuple(x.shape),
-      weight_shape=tuple(_aval(eqn.invars[w_index]).shape),
-      path=how,
-    )
+  use = Product(
+    primitive=eqn.primitive.name,
+    weight=weight.path,
+    activation_shape=tuple(x.shape),
+    weight_shape=tuple(_aval(eqn.invars[w_index]).shape),
+    path=how,
   )
+  adapter = weight.adapter if view is not None else None
+  if adapter is not None:
+    # The base's product as a plain QArray's, the adapter's low-rank product beside
+    # it. (Without a stored view the weight is decoded with the adapter added.)
+    assert view is not None
+    weight = dataclasses.replace(weight, adapter=None)
+    k, n = weight.q.matrix_shape
+    if how == 'decode' and 4 * k * n <= 2 * DECODE_BLOCK_BYTES:
+      y = _redecoded_product(eqn, view, x, weight)
+    else:
+      y = _base_product(eqn, how, view, x, weight, invals, a_index, w_index)
+    return [_add_adapter(eqn, view, x, adapter, y)], [use]
+  return [_base_product(eqn, how, view, x, weight, invals, a_index, w_index)], [use]
+
+
+def _base_product(
+  eqn: core.JaxprEqn,
+  how: str,
+  view: _View | None,
+  x: jax.Array,
+  weight: Weight,
+  invals: list[Any],
+  a_index: int,
+  w_index: int,
+) -> jax.Array:
+  """The product's output computed as ``how`` says."""
   if how == 'native':
     assert view is not None
-    return [_native(view, x, weight, _aval(eqn.outvars[0]).dtype)]
+    return _native(view, x, weight, _aval(eqn.outvars[0]).dtype)
   if how in ('fused', 'kernel'):
     assert view is not None
     out_dtype = _aval(eqn.outvars[0]).dtype
-    return [_fused_product(view, x, weight, out_dtype, kernel=how == 'kernel')]
+    return _fused_product(view, x, weight, out_dtype, kernel=how == 'kernel')
   k, n = weight.q.matrix_shape
   if view is not None and 4 * k * n > 2 * DECODE_BLOCK_BYTES:
-    return [_blocked_decode(eqn, view, x, weight)]
+    return _blocked_decode(eqn, view, x, weight)
   ops = list(invals)
   ops[a_index] = x
   ops[w_index] = weight.decode(tie=x)
-  return bind(eqn, ops)
+  return bind(eqn, ops)[0]
+
+
+def _redecoded_product(
+  eqn: core.JaxprEqn, view: _View, x: jax.Array, weight: Weight
+) -> jax.Array:
+  """``x @ W`` on W's ``(K, N)`` view, W decoded; its backward product decodes W
+  again, tied to the cotangent, so a training step holds one decoded weight at a
+  time rather than all of them from the forward pass to the backward one.
+
+  JAX keeps the decoded weight as the product's residual; ``jax.checkpoint`` did
+  not help on XLA:CPU, which ran every recomputed decode (they depend only on the
+  weights) at the start of the backward pass: six 1024 x 1024 layers at 2 x 64
+  rows held 23.5 MB of temporaries either way.
+  """
+  lead = tuple(x.shape[i] for i in view.x_free)
+  k, n = weight.q.matrix_shape
+  x2 = jnp.transpose(x, (*view.x_free, *view.x_contract)).reshape(math.prod(lead), k)
+  out_dtype = _aval(eqn.outvars[0]).dtype
+  precision = eqn.params.get('precision')
+
+  def matrix(q: QArray, tie: jax.Array) -> jax.Array:
+    w = dataclasses.replace(weight, q=q).decode(tie=tie)
+    return (jnp.swapaxes(w, -1, -2) if q.transposed else w).reshape(k, n)
+
+  def forward(x2: jax.Array, q: QArray) -> jax.Array:
+    w = matrix(q, x2)
+    return jnp.matmul(x2, w, precision=precision, preferred_element_type=out_dtype)
+
+  def backward(q: QArray, g: jax.Array) -> tuple[jax.Array, None]:
+    w = matrix(q, g)
+    dx = jnp.matmul(g, w.T, precision=precision, preferred_element_type=x2.dtype)
+    return dx.astype(x2.dtype), None
+
+  product = jax.custom_vjp(forward)
+  product.defvjp(lambda x2, q: (forward(x2, q), q), backward)
+  y = product(x2, weight.q).reshape(*lead, n)
+  return jnp.moveaxis(y, -1, 0) if view.weight_first else y
+
+
+def _add_adapter(
+  eqn: core.JaxprEqn, view: _View, x: jax.Array, adapter: Adapter, y: jax.Array
+) -> jax.Array:
+  """``y + ((x @ a) @ b) * scale``: the adapter's term of ``x @ (W + a @ b * scale)``.
+
+  Two thin products (``rank`` wide): no ``(K, N)`` array is written, and the
+  gradients of ``a`` and ``b`` are thin too.
+  """
+  k, n = adapter.a.shape[-2], adapter.b.shape[-1]
+  lead = tuple(x.shape[i] for i in view.x_free)
+  x2 = jnp.transpose(x, (*view.x_free, *view.x_contract)).reshape(math.prod(lead), k)
+  precision = eqn.params.get('precision')
+  t = jnp.matmul(
+    jnp.matmul(x2, adapter.a, precision=precision), adapter.b, precision=precision
+  )
+  t = (t * adapter.scale).reshape(*lead, n)
+  if view.weight_first:
+    t = jnp.moveaxis(t, -1, 0)
+  return add_delta(y, t, y.dtype)
 
 
 # --- row lookups --------------------------------------------------------------------
@@ -394,13 +478,16 @@ def decode_rows(weight: Weight, rows: jax.Array) -> jax.Array:
   else:
     signed = jnp.take(q.codes, rows, axis=0).astype(jnp.int32)
     index = signed + grid.zero_code(q.table.shape[-1])
-  levels = jnp.take(q.table, index, axis=0)
+  levels = operator.take(q.table, index)
   nk, ncol = q.scale.shape
   block = jnp.take(q.scale, jnp.minimum(rows // q.block_rows, nk - 1), axis=0)
   # The rows' scales alone: uint8 steps are turned into values after the lookup.
   column = None if q.column_scale is None else q.column_scale[0]
   block = packing.scale_values(block, column)
   w = (levels * (block if ncol > 1 else block[..., :1])).astype(q.dtype)
+  if weight.adapter is not None:
+    ad = weight.adapter
+    w = add_delta(w, jnp.take(ad.a, rows, axis=0) @ ad.b * ad.scale, q.dtype)
   for op in weight.ops:  # dtype conversions only
     w = op(w)
   return w
@@ -417,30 +504,33 @@ def _decode_columns(weight: Weight, rows: jax.Array) -> jax.Array:
   codes = jnp.take(q.codes, cols, axis=1)
   w = packing.decode_packed(codes, scale[:, None, :], q.table, q.bits, k)
   w = w.T.reshape(*rows.shape, k).astype(q.dtype)
+  if weight.adapter is not None:
+    # The leaf's rows are columns of the (K, N) view: rows of ``(a @ b).T``.
+    ad = weight.adapter
+    w = add_delta(w, jnp.take(ad.b.T, rows, axis=0) @ ad.a.T * ad.scale, q.dtype)
   for op in weight.ops:  # dtype conversions only
     w = op(w)
   return w
 
 
-def gather(rewriter: Rewriter, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
-  """A gather from a quantized weight: rows decoded alone where it takes whole rows."""
-  from pqjax._src.runtime.rewrite import bind
-
+def gather(
+  eqn: core.JaxprEqn, invals: list[Any], options: Options
+) -> tuple[list[Any], list[Product]]:
+  """A gather from a quantized weight: rows decoded alone where it takes whole rows.
+  Its outputs, and how the weight was read (none for a weight used as indices)."""
   weight, indices = invals[0], invals[1]
   if not isinstance(weight, Weight) or isinstance(indices, Weight):
-    return bind(eqn, rewriter.arrays(invals))
-  rows = _row_lookup(eqn, weight, indices) and rewriter.options.path != 'decode'
-  rewriter.seen.append(
-    Product(
-      primitive='gather',
-      weight=weight.path,
-      activation_shape=tuple(indices.shape),
-      weight_shape=tuple(weight.q.shape),
-      path='rows' if rows else 'decode',
-    )
+    return bind(eqn, _decoded(invals)), []
+  rows = _row_lookup(eqn, weight, indices) and options.path != 'decode'
+  use = Product(
+    primitive='gather',
+    weight=weight.path,
+    activation_shape=tuple(indices.shape),
+    weight_shape=tuple(weight.q.shape),
+    path='rows' if rows else 'decode',
   )
   if not rows:
-    return bind(eqn, [weight.decode(tie=indices), indices])
+    return bind(eqn, [weight.decode(tie=indices), indices]), [use]
   ids = indices[..., 0].astype(jnp.int32)
   size = weight.q.shape[0]
   valid = (ids >= 0) & (ids < size)
@@ -450,4 +540,4 @@ def gather(rewriter: Rewriter, eqn: core.JaxprEqn, invals: list[Any]) -> list[An
     fill = eqn.params.get('fill_value')
     fill = jnp.nan if fill is None else fill
     out = jnp.where(valid[..., None], out, jnp.asarray(fill, out.dtype))
-  return [out]
+  return [out], [use]

@@ -30,7 +30,9 @@ import jax
 from jax import lax
 from jax.extend import core
 
+from pqjax._src.core.leaves import is_array
 from pqjax._src.runtime import products
+from pqjax._src.runtime.binding import bind
 from pqjax._src.runtime.weights import Packed, Weight, as_layers, fields, rebuild
 
 # Primitives whose first operand's values reach the output only moved, cast or
@@ -66,18 +68,6 @@ INLINED = {
 REMAT = frozenset({'remat2', 'checkpoint', 'remat'})
 
 Value = Any  # an array, a tracer, or a Weight
-
-
-def bind(eqn: core.JaxprEqn, invals: Sequence[Any]) -> list[Any]:
-  """Binds ``eqn``'s primitive to ``invals`` with its parameters, in its context."""
-  params = eqn.primitive.get_bind_params(eqn.params)
-  args = list(invals)
-  if isinstance(params, tuple):  # older JAX: (subfuns, params)
-    subfuns, params = params
-    args = [*subfuns, *args]
-  with eqn.ctx.manager:
-    out = eqn.primitive.bind(*args, **params)
-  return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def _swaps_last_axes(eqn: core.JaxprEqn) -> bool:
@@ -148,9 +138,13 @@ class Rewriter:
           outs[i] = o
       return outs
     if name in products.PRODUCTS:
-      return products.product(self, eqn, invals)
+      outs, use = products.product(eqn, invals, self.options)
+      self.seen += use
+      return outs
     if name == 'gather':
-      return products.gather(self, eqn, invals)
+      outs, use = products.gather(eqn, invals, self.options)
+      self.seen += use
+      return outs
     if name in INLINED:
       inner = eqn.params[INLINED[name]]
       if isinstance(inner, core.ClosedJaxpr):
@@ -239,7 +233,9 @@ class Rewriter:
 
   def stacked(self, w: Weight, length: int) -> Value:
     """A weight scanned over: sliced per step where its storage allows it."""
-    layers = as_layers(w.q, length) if w.casts_only else None
+    # A leaf quantized whole has one adapter over all its layers' rows: decoded.
+    whole_adapter = w.adapter is not None and not w.q.layer_axes
+    layers = as_layers(w.q, length) if w.casts_only and not whole_adapter else None
     if layers is None:
       return w.decode()
     return dataclasses.replace(w, q=layers)
@@ -302,14 +298,6 @@ def _flatten(
   return packs, flat, sizes
 
 
-def split_static(leaves: Sequence[Any]) -> tuple[list[int], list[Any]]:
-  """Indices of the leaves that are arrays (program inputs), and those arrays."""
-  dynamic = [
-    i for i, x in enumerate(leaves) if hasattr(x, 'shape') and hasattr(x, 'dtype')
-  ]
-  return dynamic, [leaves[i] for i in dynamic]
-
-
 def run(
   fn: Callable[..., Any],
   args: tuple[Any, ...],
@@ -336,7 +324,7 @@ def run(
   values = [x for _, x in leaves]
   # Arrays and quantized leaves become inputs of the traced program; anything else
   # (flags, names, modules) stays a Python value, as in a direct call.
-  dynamic = [i for i, x in enumerate(values) if is_quantized(x) or _is_array(x)]
+  dynamic = [i for i, x in enumerate(values) if is_quantized(x) or is_array(x)]
   specs = [
     jax.ShapeDtypeStruct(values[i].shape, values[i].dtype)
     if is_quantized(values[i])
@@ -353,7 +341,7 @@ def run(
     a = [positional.get(i, x) for i, x in enumerate(args)]
     k = {name: keywords.get(name, x) for name, x in kwargs.items()}
     out_leaves, out_tree = jax.tree_util.tree_flatten(fn(*a, **k))
-    arrays = [i for i, x in enumerate(out_leaves) if _is_array(x)]
+    arrays = [i for i, x in enumerate(out_leaves) if is_array(x)]
     out_info.append((out_tree, out_leaves, arrays))
     return [out_leaves[i] for i in arrays]
 
@@ -369,7 +357,3 @@ def run(
   for i, v in zip(arrays, outs):
     result[i] = v
   return jax.tree_util.tree_unflatten(out_tree, result)
-
-
-def _is_array(x: Any) -> bool:
-  return hasattr(x, 'shape') and hasattr(x, 'dtype')

@@ -45,6 +45,7 @@ from jax import lax
 
 from pqjax._src.core import packing
 from pqjax._src.core.grid import MAX_BITS, MIN_BITS
+from pqjax._src.core.operator import take
 from pqjax._src.core.packing import codes_per_unit, packed_rows
 
 # Up to this width a level may be chosen by selects on the code's bits instead of a
@@ -199,7 +200,7 @@ class _Weight:
       s = self.scale[0]
     else:
       block = jnp.minimum(row // self.block_rows, nk - 1)
-      s = self.scale.at[block[..., 0]].get(mode='promise_in_bounds')
+      s = take(self.scale, block[..., 0], mode='promise_in_bounds')
     w = levels * s
     if self.dtype != np.float32:
       w = w.astype(self.dtype).astype(jnp.float32)
@@ -239,7 +240,7 @@ def _levels(parts: list[jax.Array], j: int, table: jax.Array, bits: int) -> jax.
       index = packing.unit_index(parts, j, bits)
     else:
       index = parts[0].astype(jnp.int32) + table.shape[0] // 2
-    return table.at[index].get(mode='promise_in_bounds')
+    return take(table, index, mode='promise_in_bounds')
   # The symmetric grid's table is one short: its last index is never stored.
   levels = [table[min(i, table.shape[0] - 1)] for i in range(2**bits)]
   for b in range(bits):
@@ -313,7 +314,10 @@ def _blocked(xs: jax.Array, w: _Weight) -> jax.Array:
 
   acc = jnp.zeros((rows, w.n), jnp.float32)
   if steps:
-    acc = lax.fori_loop(0, steps, lambda i, a: product(a, i * block, block), acc)
+    # The first block outside the loop: the carry then has the products' sharding
+    # (on an Explicit mesh a loop's carry may not change it).
+    acc = product(acc, 0, block)
+    acc = lax.fori_loop(1, steps, lambda i, a: product(a, i * block, block), acc)
   if w.units % block:
     acc = product(acc, steps * block, w.units % block)
   return acc

@@ -19,11 +19,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pqjax._src.core import packing
-from pqjax._src.core.qarray import DATA_FIELDS, QArray
+from pqjax._src.core import operator, packing
+from pqjax._src.core.operator import explicit_mesh
+from pqjax._src.core.qarray import DATA_FIELDS, QArray, adapter_delta, add_delta
 
 # A layout operation recorded on a weight: a function of the decoded array.
 Op = Callable[[jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+  """A LoRA adapter on a weight's ``(K, N)`` view: ``a @ b * scale`` is added to it.
+
+  Attributes:
+    a: ``(*layers, K, rank)``.
+    b: ``(*layers, rank, N)``.
+    scale: the adapter's multiplier.
+  """
+
+  a: jax.Array
+  b: jax.Array
+  scale: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +54,9 @@ class Weight:
       layout are the QArray's), which the fused products need.
     dtype: the dtype after the ops.
     dtypes: the dtype after each op, in order.
+    adapter: a LoRA adapter added to the stored weight (before the ops), or None.
+      Its arrays are laid out on the ``(K, N)`` view, which reading the codes
+      transposed (:meth:`QArray.swapped`) does not change.
   """
 
   q: QArray
@@ -46,6 +65,7 @@ class Weight:
   casts_only: bool = True
   dtype: Any = None
   dtypes: tuple[Any, ...] = ()
+  adapter: Adapter | None = None
 
   @property
   def alpha(self) -> jax.Array:
@@ -70,6 +90,9 @@ class Weight:
     """
     q = self.q if tie is None else tied_fields(self.q, tie)
     w = q.dequantize()
+    if self.adapter is not None:
+      ad = self.adapter
+      w = add_delta(w, adapter_delta(self.q, ad.a, ad.b, ad.scale), self.q.dtype)
     for op in self.ops:
       w = op(w)
     return w
@@ -99,13 +122,24 @@ def tied(value: jax.Array, tie: jax.Array) -> jax.Array:
   """
   if not math.prod(tie.shape):
     return value
-  t = jax.lax.stop_gradient(tie).reshape(-1)[0]
+  t = _one_element(jax.lax.stop_gradient(tie))
   if not jnp.issubdtype(t.dtype, jnp.inexact):
     # XLA folds an integer's ``t * 0`` to 0 (the dependency would be lost, and a
     # lookup's decode hoisted out of a loop); a float's it keeps.
     t = t.astype(jnp.float32)
   zero = jnp.where(jnp.isfinite(t), t * 0, jnp.zeros_like(t))
   return value + zero.astype(value.dtype)
+
+
+def _one_element(x: jax.Array) -> jax.Array:
+  """An element of ``x`` as a scalar; on an Explicit mesh, the largest of a corner
+  of one element a shard (JAX cannot slice a sharded axis to one element)."""
+  mesh = explicit_mesh(x)
+  if mesh is None:
+    return x.reshape(-1)[0]
+  spec = operator.spec(x)
+  corner = [math.prod(mesh.shape[a] for a in operator.axis_names(e)) for e in spec]
+  return jnp.max(jax.lax.slice(x, (0,) * x.ndim, tuple(corner)))
 
 
 # --- passing weights across program boundaries (scan, while, cond, remat) ------------
@@ -125,22 +159,29 @@ def _present(q: QArray) -> list[str]:
 
 
 def fields(w: Weight) -> list[jax.Array]:
-  return [getattr(w.q, f) for f in _present(w.q)]
+  """The weight's arrays: the QArray's fields, then its adapter's ``a`` and ``b``."""
+  adapter = [] if w.adapter is None else [w.adapter.a, w.adapter.b]
+  return [getattr(w.q, f) for f in _present(w.q)] + adapter
 
 
 def rebuild(packed: Packed, arrays: list[jax.Array]) -> Weight:
   """The weight of ``packed`` with its fields replaced by ``arrays``."""
   q = packed.weight.q
   sliced = packed.sliced
+  present = _present(q)
+  adapter = packed.weight.adapter
+  if adapter is not None:
+    a, b = arrays[len(present) :]
+    adapter = dataclasses.replace(adapter, a=a, b=b)
   q = QArray(
-    **dict(zip(_present(q), arrays)),
+    **dict(zip(present, arrays)),
     bits=q.bits,
     shape=tuple(q.shape[1:]) if sliced else q.shape,
     dtype=q.dtype,
     layer_axes=q.layer_axes - 1 if sliced else q.layer_axes,
     transposed=q.transposed,
   )
-  return dataclasses.replace(packed.weight, q=q)
+  return dataclasses.replace(packed.weight, q=q, adapter=adapter)
 
 
 def as_layers(q: QArray, length: int) -> QArray | None:

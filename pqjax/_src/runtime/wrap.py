@@ -6,18 +6,28 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
 from pqjax._src.core.leaves import path_str
-from pqjax._src.core.qarray import QArray, contains_qarray, is_qarray
+from pqjax._src.core.qarray import LoraArray, QArray, contains_qarray, is_stored
 from pqjax._src.runtime import activations, rewrite
 from pqjax._src.runtime import products as products_lib
-from pqjax._src.runtime.weights import Weight
+from pqjax._src.runtime.weights import Adapter, Weight
 
 
-def _weight(q: QArray, path: tuple[Any, ...]) -> Weight:
+def _weight(q: QArray | LoraArray, path: tuple[Any, ...]) -> Weight:
   # '<argument index>/params/...' or '<keyword>/...'.
-  return Weight(q=q, path=path_str(path), dtype=np.dtype(q.dtype))
+  name = path_str(path)
+  if isinstance(q, LoraArray) and q.a is None and q.b is None:
+    q = q.base  # the frozen half of lora.split: the base alone
+  if isinstance(q, LoraArray):
+    # The base is frozen: no gradient reaches its scales (nor its exponent and
+    # table) through the decode or the product; ``a`` and ``b`` get theirs.
+    base = jax.tree_util.tree_map(jax.lax.stop_gradient, q.base)
+    adapter = Adapter(a=q.a, b=q.b, scale=q.scale)
+    return Weight(q=base, path=name, dtype=np.dtype(base.dtype), adapter=adapter)
+  return Weight(q=q, path=name, dtype=np.dtype(q.dtype))
 
 
 def _options(
@@ -53,6 +63,10 @@ def wrap(
   decodes the weight just before it; an embedding lookup decodes only the rows it
   takes; a weight stacked over a ``scan`` is decoded one layer per step. Everything
   else (other collections, rngs, ``mutable=``, keyword arguments) passes through.
+  A :class:`LoraArray` (a QArray with a LoRA adapter, :func:`pqjax.lora.init`)
+  stands for ``W + a @ b * scale``: a product of it is ``x @ W``, computed as a
+  plain QArray's, plus ``((x @ a) @ b) * scale``; gradients reach ``a``, ``b`` and
+  the activations, never the base's scales.
   It traces and compiles under ``jax.jit``; without quantized arguments it calls
   ``apply_fn`` as it is.
 
@@ -91,7 +105,7 @@ def wrap(
     if not contains_qarray((args, kwargs)):
       return apply_fn(*args, **kwargs)
     rewriter = rewrite.Rewriter(options)
-    return rewrite.run(apply_fn, args, kwargs, rewriter, is_qarray, _weight)
+    return rewrite.run(apply_fn, args, kwargs, rewriter, is_stored, _weight)
 
   setattr(wrapped, _WRAPPED, (apply_fn, options))
   return wrapped
@@ -119,9 +133,7 @@ def quantized_products(
     One :class:`Product` per use of a quantized weight by a product or a lookup, in
     program order.
   """
-  import jax
-
   fn, options = getattr(apply_fn, _WRAPPED, (apply_fn, products_lib.Options()))
   rewriter = rewrite.Rewriter(options)
-  jax.eval_shape(lambda: rewrite.run(fn, args, kwargs, rewriter, is_qarray, _weight))
+  jax.eval_shape(lambda: rewrite.run(fn, args, kwargs, rewriter, is_stored, _weight))
   return rewriter.seen

@@ -20,8 +20,8 @@ from pqjax._src.search.config import Plan, SearchConfig
 from pqjax._src.search.objective import exact_inputs, stats_error
 from pqjax._src.search.optimiser import alternate, minimise
 from pqjax._src.search.stats import (
-  GRID_BINS,
   coarsen,
+  grid_bins,
   layer_exponent,
   normalise,
   prepare_stack,
@@ -48,7 +48,7 @@ def search_stats(
   ``exponents`` ``(L,)``: each layer's stats are normalised by ``2 ** (2 e)``
   (:func:`stats.normalise`), which a shared exponent's summed error undoes.
   """
-  coarse = coarsen(stats, max(1, stats.shape[2] // GRID_BINS))
+  coarse = coarsen(stats, max(1, stats.shape[2] // grid_bins(bits)))
   return minimise(
     lambda a, c: stats_error(stats, a, c, bits, grid),
     alpha,
@@ -82,9 +82,10 @@ def estimate_config(config: SearchConfig) -> SearchConfig:
 def estimate_bins(bits: int) -> tuple[int, int]:
   """Bins of the estimate's golden-section steps and of its grid, at ``bits``.
 
-  Finer with more levels: 256 up to 4 bits, 512 at 5 and 6, 1024 at 7 and 8.
+  Finer with more levels: 256 up to 4 bits, 512 at 5 and 6, 1024 at 7 and 8; the
+  grid's as :func:`grid_bins`, 128 below 5 bits.
   """
-  return 256 << max(0, (bits - 3) // 2), 128 if bits < 5 else 256
+  return 256 << max(0, (bits - 3) // 2), 128 if bits < 5 else grid_bins(bits)
 
 
 @functools.partial(jax.jit, static_argnames=('widths', 'grid', 'plan', 'config'))
@@ -158,7 +159,7 @@ def search_widths(
   offsets = np.cumsum([0] + sizes)
   cuts = list(zip(offsets[:-1], offsets[1:]))
   bins = stats[0].shape[2]
-  coarse = [coarsen(s, max(1, bins // GRID_BINS)) for s in stats]
+  coarse = [coarsen(s, max(1, bins // grid_bins(b))) for s, b in zip(stats, widths)]
 
   def objective(every: Sequence[jax.Array]):
     return lambda a, c: jnp.concatenate(

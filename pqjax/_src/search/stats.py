@@ -97,6 +97,17 @@ BINS = 4096
 GRID_BINS = 256
 
 
+def grid_bins(bits: int) -> int:
+  """Bins that score the grid at ``bits``: ``GRID_BINS`` up to 5 bits, then twice as
+  many a bit, to 1024 at 7 and 8.
+
+  A bin must stay narrower than the levels' spacing: at 8 bits 256 bins (0.016 wide
+  near 1, against a spacing of 0.008) ranked exponent 0.6 above 1 on uniform
+  weights, and the search, started there, ended at 0.69 with 1.3x the error of 1.
+  """
+  return GRID_BINS << min(2, max(0, bits - 5))
+
+
 def centre(i: jax.Array, bins: int) -> jax.Array:
   """Centre of bin ``i`` (the middle of the bin in ``x ** (1/4)``)."""
   return jnp.square(jnp.square((i.astype(jnp.float32) + 0.5) / bins))
