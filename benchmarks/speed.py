@@ -77,10 +77,11 @@ def naive(params):
     x = jnp.abs(xs)
     d = jnp.where(xs < 0, 8.0, 7.0)  # the full grid's code range of each side
     f = lambda a: operator.block_error(x, jnp.log(x), d, scale, a, 1.0, 'full')
-    grid = jnp.linspace(cfg.lo, cfg.hi, cfg.grid)
+    grid = jnp.linspace(cfg.lo, cfg.hi, cfg.exponent_points)
     errs = jax.lax.map(f, grid)
     i = jnp.argmin(errs)
-    lo, hi = grid[jnp.maximum(i - 1, 0)], grid[jnp.minimum(i + 1, cfg.grid - 1)]
+    last = cfg.exponent_points - 1
+    lo, hi = grid[jnp.maximum(i - 1, 0)], grid[jnp.minimum(i + 1, last)]
     return optimiser.golden(f, lo, hi, cfg.iters)[0]
 
   leaves = [x for x in jax.tree_util.tree_leaves(params) if x.ndim >= 2]

@@ -298,3 +298,24 @@ def test_progress_bar_reports_every_weight(capsys):
   assert 'pqjax.quantize' in err and '6.40k/6.40k' in err  # 2 passes of 3200 weights
   pqjax.quantize(params, 4)
   assert capsys.readouterr().err == ''  # small tree: no bar by default
+
+
+def test_quantize_signature_is_the_options_contract():
+  """One contract: quantize's keyword-only arguments are QuantizeOptions' fields,
+  with the same defaults, each documented in QuantizeOptions' Attributes."""
+  import dataclasses
+  import inspect
+
+  params = inspect.signature(pqjax.quantize).parameters
+  keywords = {n: p for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+  fields = {f.name: f for f in dataclasses.fields(pqjax.QuantizeOptions)}
+  assert ['params', 'bits', *keywords] == list(params)
+  assert set(keywords) | {'bits'} == set(fields)
+  for name, p in keywords.items():
+    f = fields[name]
+    default = f.default if f.default is not dataclasses.MISSING else None
+    assert p.default == default, name
+  doc = pqjax.QuantizeOptions.__doc__
+  assert all(f'\n    {name}: ' in doc for name in fields)
+  with pytest.raises(TypeError, match='unexpected keyword'):
+    pqjax.quantize({'w': np.ones((4, 4), np.float32)}, 4, granularty='tensor')

@@ -17,6 +17,8 @@ from pqjax._src.search.config import SearchConfig
 # "layer": searched per leaf; "global": one for the whole tree.
 ExponentMode = Literal['layer', 'global']
 ClipMode = Literal['layer', 'block', 'fixed']
+# The clip option: True or "layer", "block", False, or a fixed ratio in (0, 1].
+Clip = bool | Literal['layer', 'block'] | float
 ScaleDtype = Literal['auto'] | type[np.floating] | np.dtype | str
 # The leading axes of a leaf that index stacked layers: one count for every leaf, or
 # ``layer_axes(path, leaf) -> int``.
@@ -216,47 +218,71 @@ def leaf_output_axis(
 class QuantizeOptions:
   """How :func:`pqjax.quantize` quantizes a tree; every field is checked on creation.
 
-  ``quantize(params, bits, **options)`` builds one of these, so a bad option raises
-  before any work is done.
+  ``quantize(params, bits, **options)`` builds one of these from its keyword
+  arguments, so a bad option raises before any work is done. These attributes are
+  where the options are documented.
+
+  Attributes:
+    bits: code width, 2 to 8 (default 4); with ``bits_per_weight``, the range
+      ``(lo, hi)`` the widths are chosen from (default ``(2, 8)``).
+    bits_per_weight: a budget of stored bits per weight (codes, scales, exponents,
+      tables, averaged over the quantized leaves): each leaf's width is chosen to
+      meet it with the least estimated damage. None: every leaf at ``bits``.
+    importance: under a budget, how much each leaf's relative error counts,
+      ``importance(path, leaf) -> float``; None: the layer's size to the power
+      0.2. Without a budget it would weigh nothing: a ValueError.
+    granularity: ``"channel"`` (one scale per output feature), ``"tensor"`` (one
+      per leaf) or an int ``G`` (one per ``G`` consecutive rows of one column; when
+      ``G`` does not divide K the last block of each column is shorter).
+    exponent: ``"layer"`` (searched per leaf), ``"global"`` (one exponent for the
+      whole tree, minimising the summed error) or a fixed float (``1.0`` with
+      ``grid="symmetric"`` and ``clip=False`` is uniform round-to-nearest).
+    grid: ``"full"`` (all ``2 ** bits`` codes: levels ``(k / d) ** (1 / a)`` on
+      each side, one more on the negative side, each weight taking its nearest
+      level) or ``"symmetric"`` (the paper's ``2 ** bits - 1`` levels, rounding in
+      the power domain).
+    clip: the block scale is ``c`` times the block's absmax. ``True`` (or
+      ``"layer"``): one ratio per leaf, searched jointly with the exponent;
+      ``"block"``: then each block picks the best of a few ratios around it;
+      ``False``: ``c = 1``, the paper's absmax scale; a float in (0, 1]: that ratio.
+    scale_dtype: storage of the block scales: ``"auto"``, ``float32``, ``float16``
+      or ``uint8`` (each block's scale in 255ths, rounded up, of its column's
+      largest, stored as float32, as llama.cpp's k-quants store theirs:
+      ``8 / G + 32 / K`` bits a weight). ``"auto"``: uint8 for groups of 5 or more
+      blocks a column; float16 for other groups where every scale is a normal
+      float16; float32 otherwise.
+    filter: ``filter(path, leaf) -> bool`` picks the leaves to quantize; ``path``
+      is the ``/``-joined key path. Default: floating leaves with ndim >= 2. An
+      answer other than a bool is a TypeError naming the leaf.
+    search_config: a :class:`SearchConfig` (exponents in [0.05, 2.0], clip ratios
+      in [0.3, 1] by default); None: the default one.
+    progress: a tqdm progress bar on stderr. None: for trees of 50M weights or
+      more, when stderr is a terminal.
+    layer_axes: how many leading axes of a leaf index stacked layers
+      (``nn.scan``, ``nnx.scan``, vmapped layers): an int for every selected leaf,
+      or a function ``(path, leaf) -> int``. Each layer gets its own exponent, clip
+      ratio and scales, exactly as if the layers were separate leaves; the leaf
+      stays one :class:`QArray`. Default 0: a leaf is one layer.
+    output_axis: the axis holding a leaf's output features, which get one scale
+      each: -1 (default; Flax kernels ``(in, out)``), -2 (PyTorch's ``(out, in)``
+      Linear and Embedding weights; needs two axes per layer), or a function
+      ``(path, leaf) -> -1 or -2``. A -2 leaf is quantized as its transpose and
+      stored as a ``transposed`` :class:`QArray` of its own shape, whose products
+      over its last axis (``x @ W.T``) read the codes as a Flax kernel's do.
   """
 
-  # Code width, 2 to 8 (default 4); with ``bits_per_weight``, the range ``(lo, hi)``
-  # the widths are chosen from (default (2, 8)).
   bits: int | tuple[int, int] | None = None
-  # A budget of stored bits per weight (codes, scales, exponents, tables, averaged
-  # over the quantized leaves): each leaf's width is chosen to meet it.
   bits_per_weight: float | None = None
-  # Under a budget: how much each leaf's relative error counts, ``(path, leaf) ->
-  # float``; None: the default estimate (see ``pqjax._src.budget``).
   importance: Importance | None = None
-  # "channel": a scale per output feature (the last axis); "tensor": one per leaf;
-  # an int G: one per G consecutive rows of one column (the last block may be shorter).
   granularity: Granularity = 'channel'
-  # "layer": searched per leaf; "global": one exponent for the tree, minimising the
-  # summed error; a positive float: that exponent everywhere.
   exponent: ExponentMode | float = 'layer'
-  # "full": all 2**bits codes, nearest level; "symmetric": the paper's grid.
   grid: Grid = 'full'
-  # True or "layer": one clip ratio per leaf, searched with the exponent; "block":
-  # then each block picks the best of a few ratios; False: absmax scales; a float in
-  # (0, 1]: that ratio.
-  clip: bool | Literal['layer', 'block'] | float = True
-  # Storage of block scales: "auto" (groups of more than 4 blocks a column: uint8
-  # steps of a float32 column scale; other groups: float16 where every scale is a
-  # normal float16; float32 otherwise), float32, float16 or uint8.
+  clip: Clip = True
   scale_dtype: Any = 'auto'
-  # ``filter(path, leaf) -> bool`` picks the leaves; default: float leaves, ndim >= 2.
   filter: Filter | None = None
-  # Ranges and resolution of the search.
   search_config: SearchConfig = dataclasses.field(default_factory=SearchConfig)
-  # A tqdm bar on stderr; None: for trees of 50M weights or more on a terminal.
   progress: bool | None = None
-  # Leading axes of a leaf that index stacked layers (scan, vmap), each layer with
-  # its own exponent, clip ratio and scales: an int, or a function (path, leaf) -> int.
   layer_axes: LayerAxes = 0
-  # The axis of a leaf holding its output features, which get one scale each: -1
-  # (Flax kernels, ``(in, out)``), -2 (PyTorch's ``(out, in)``: such a QArray is
-  # ``transposed``), or a function (path, leaf) -> -1 or -2.
   output_axis: OutputAxis = -1
 
   def __post_init__(self) -> None:

@@ -29,10 +29,16 @@ from jax.sharding import PartitionSpec as P
 
 from pqjax._src import budget, encoding, sharding
 from pqjax._src.core import grid, qarray
-from pqjax._src.core.blocks import Blocks, blocks_for
+from pqjax._src.core.blocks import Blocks, Granularity, blocks_for
+from pqjax._src.core.grid import Grid
 from pqjax._src.core.leaves import Filter, default_filter, is_float_array, path_str
 from pqjax._src.core.qarray import QArray
 from pqjax._src.options import (
+  Clip,
+  ExponentMode,
+  Importance,
+  LayerAxes,
+  OutputAxis,
   QuantizeOptions,
   ask,
   leaf_layer_axes,
@@ -280,12 +286,12 @@ def check_finite(groups: Sequence[Group], group_stats: Sequence[GroupStats]) -> 
       raise ValueError(f'{leaf.path}: leaf of shape {leaf.shape} holds NaN or Inf{where}')
 
 
-def layer_exponents(group_stats: Sequence[GroupStats]) -> jax.Array:
+def binary_exponents(group_stats: Sequence[GroupStats]) -> jax.Array:
   """Each layer's scale exponent ``(L,)``, groups in order (see ``stats.normalise``)."""
   return jnp.asarray(
     np.concatenate(
       [
-        stats.layer_exponent(np.asarray(sharding.gather(s.absmax)), np)
+        stats.layer_binary_exponent(np.asarray(sharding.to_host(s.absmax)), np)
         for s in group_stats
       ]
     )
@@ -395,11 +401,11 @@ def width_table(
       leaves.append(leaf)
       costs.append(np.array(cost, np.float64))
   limit = _limit(costs, leaves, options)
-  binned = jnp.concatenate([sharding.gather(s.stats) for s in group_stats])
+  binned = jnp.concatenate([sharding.to_host(s.stats) for s in group_stats])
   errors, *points = fit.width_errors(
     binned,
     *starting_point(binned.shape[0], options),
-    layer_exponents(group_stats),
+    binary_exponents(group_stats),
     widths=widths,
     grid=options.grid,
     plan=plan_of(options),
@@ -475,7 +481,7 @@ def _split(
   for g, s, kinds in zip(groups, group_stats, storage):
     # The small arrays are cut on the host: a gather on the device for each piece
     # costs more to dispatch than these copies.
-    host: list[Any] = [np.asarray(sharding.gather(x)) for x in s]
+    host: list[Any] = [np.asarray(sharding.to_host(x)) for x in s]
     starts = np.cumsum([0] + [leaf.layer_count for leaf in g.leaves])
     for b in sorted({bits_of[id(leaf)] for leaf in g.leaves}):
       mine = [i for i, leaf in enumerate(g.leaves) if bits_of[id(leaf)] == b]
@@ -534,8 +540,8 @@ def search(
     return alphas, clips
   # The search runs on one device, from the statistics of every shard: its result
   # is the same as for unsharded leaves, bit for bit.
-  binned = [sharding.gather(s.stats) for s in group_stats]
-  exponents = layer_exponents(group_stats)
+  binned = [sharding.to_host(s.stats) for s in group_stats]
+  exponents = binary_exponents(group_stats)
   widths = sorted({g.bits for g in groups})
   warm = start is not None and not plan.shared
   if warm:
@@ -615,7 +621,7 @@ def _refine(
   widths = tuple(groups[i].bits for i in small)
   # A small sharded layer is gathered, on one device.
   values = [
-    sharding.gather(groups[i].values)
+    sharding.to_host(groups[i].values)
     if groups[i].layout is not None
     else groups[i].values
     for i in small
@@ -679,7 +685,7 @@ def scale_storage(
   else:
     order = [UINT8, FLOAT16] if g.blocks.nk >= CODED_MIN_BLOCKS else [FLOAT16]
   low = options.search_config.clip_lo if options.clip_mode == 'block' else 1.0
-  host = np.asarray(sharding.gather(s.absmax)).reshape(g.layer_count, -1)
+  host = np.asarray(sharding.to_host(s.absmax)).reshape(g.layer_count, -1)
   lo, hi = np.asarray(lo, np.float32) * low, np.asarray(hi, np.float32)
   out = np.full(g.layer_count, FLOAT32, np.int8)
   starts = np.cumsum([0] + [leaf.layer_count for leaf in g.leaves])
@@ -750,12 +756,12 @@ def flushed(
   """
   out = []
   for g, s, e in zip(groups, group_stats, encoded):
-    absmax = np.asarray(sharding.gather(s.absmax)).reshape(g.layer_count, -1)
+    absmax = np.asarray(sharding.to_host(s.absmax)).reshape(g.layer_count, -1)
     first = 0  # the leaf's first layer in the group
     for j, leaf in enumerate(g.leaves):
       layers = absmax[first : first + leaf.layer_count].reshape(-1)
       first += leaf.layer_count
-      scale = np.asarray(sharding.gather(e.arrays.scales[j])).reshape(-1)
+      scale = np.asarray(sharding.to_host(e.arrays.scales[j])).reshape(-1)
       lost = int(np.sum((layers > 0) & (scale == 0)))
       if lost:
         out.append(f'{leaf.path} ({lost} of {scale.size} blocks)')
@@ -869,56 +875,33 @@ def _advance(bar: Any, result: Any, weights: int) -> None:
 
 
 def quantize(
-  params: Any, bits: int | tuple[int, int] | None = None, **options: Any
+  params: Any,
+  bits: int | tuple[int, int] | None = None,
+  *,
+  bits_per_weight: float | None = None,
+  importance: Importance | None = None,
+  granularity: Granularity = 'channel',
+  exponent: ExponentMode | float = 'layer',
+  grid: Grid = 'full',
+  clip: Clip = True,
+  scale_dtype: Any = 'auto',
+  filter: Filter | None = None,
+  search_config: SearchConfig | None = None,
+  progress: bool | None = None,
+  layer_axes: LayerAxes = 0,
+  output_axis: OutputAxis = -1,
 ) -> tuple[Any, Any]:
   """Quantizes the selected leaves of ``params`` with the power map.
 
   Args:
     params: any pytree of arrays (Flax variables, ``nnx.State``, plain dicts...).
-    bits: code width, 2 to 8.
-    **options: the fields of :class:`QuantizeOptions`:
-
-      - ``granularity``: ``"channel"`` (one scale per output feature, the last
-        axis), ``"tensor"`` (one scale per leaf) or an int ``G`` (one scale per
-        ``G`` consecutive rows of one column; when ``G`` does not divide K the last
-        block of each column is shorter).
-      - ``exponent``: ``"layer"`` (searched per leaf), ``"global"`` (one exponent
-        for the whole tree, minimising the summed error) or a fixed float (``1.0``
-        with ``grid="symmetric"`` and ``clip=False`` is uniform round-to-nearest).
-      - ``grid``: ``"full"`` (all ``2 ** bits`` codes: levels ``(k / d) ** (1 / a)``
-        on each side, one more on the negative side, each weight taking its
-        nearest level) or ``"symmetric"`` (the paper's ``2 ** bits - 1`` levels,
-        rounding in the power domain).
-      - ``clip``: the block scale is ``c`` times the block's absmax. ``True`` (or
-        ``"layer"``): one ratio per leaf, searched jointly with the exponent;
-        ``"block"``: then each block picks the best of a few ratios around it;
-        ``False``: ``c = 1``, the paper's absmax scale; a float: that ratio.
-      - ``scale_dtype``: storage of the block scales: ``"auto"``, ``float32``,
-        ``float16`` or ``uint8`` (each block's scale in 255ths, rounded up, of
-        its column's largest, stored as float32, as llama.cpp's k-quants store
-        theirs: ``8 / G + 32 / K`` bits a weight).
-        ``"auto"``: uint8 for groups of 5 or more blocks a column; float16 for
-        other groups, whose scales cost ``16 / G`` bits a weight, where every
-        scale is a normal float16; float32 otherwise.
-      - ``filter``: ``filter(path, leaf) -> bool`` picks the leaves to quantize;
-        ``path`` is the ``/``-joined key path. Default: floating leaves with
-        ndim >= 2.
-      - ``search_config``: a :class:`SearchConfig` (exponents in [0.05, 2.0], clip
-        ratios in [0.3, 1] by default).
-      - ``progress``: a tqdm progress bar on stderr. Default: for trees of 50M
-        weights or more, when stderr is a terminal.
-      - ``layer_axes``: how many leading axes of a leaf index stacked layers
-        (``nn.scan``, ``nnx.scan``, vmapped layers): an int for every selected
-        leaf, or a function ``(path, leaf) -> int``. Each layer gets its own
-        exponent, clip ratio and scales, exactly as if the layers were separate
-        leaves; the leaf stays one :class:`QArray`. Default 0: a leaf is one layer.
-      - ``output_axis``: the axis holding a leaf's output features, which get one
-        scale each: -1 (default; Flax kernels ``(in, out)``), -2 (PyTorch's
-        ``(out, in)`` Linear and Embedding weights; needs two axes per layer), or
-        a function ``(path, leaf) -> -1 or -2``. A -2 leaf is quantized as its
-        transpose and stored as a ``transposed`` :class:`QArray` of its own shape,
-        whose products over its last axis (``x @ W.T``) read the codes as a
-        Flax kernel's do.
+    bits: code width, 2 to 8 (default 4); with ``bits_per_weight``, the range of
+      widths.
+    bits_per_weight, importance, granularity, exponent, grid, clip, scale_dtype,
+      filter, search_config, progress, layer_axes, output_axis: how to quantize,
+      each documented once, as the attribute of :class:`QuantizeOptions` of that
+      name (a ``QuantizeOptions`` is built from them and checks them all before
+      any work is done).
 
   Returns:
     ``(params_q, alphas)``: ``params`` with each selected leaf replaced by a
@@ -935,7 +918,21 @@ def quantize(
       (quantize runs eagerly, not under ``jax.jit``, ``vmap``, ``grad`` or
       ``eval_shape``).
   """
-  opts = QuantizeOptions(bits=bits, **options)
+  opts = QuantizeOptions(
+    bits=bits,
+    bits_per_weight=bits_per_weight,
+    importance=importance,
+    granularity=granularity,
+    exponent=exponent,
+    grid=grid,
+    clip=clip,
+    scale_dtype=scale_dtype,
+    filter=filter,
+    search_config=search_config,  # type: ignore[arg-type]  # None: the default
+    progress=progress,
+    layer_axes=layer_axes,
+    output_axis=output_axis,
+  )
   # QArrays are leaves here, so the filter sees them whole (and select refuses them).
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=qarray.is_qarray)
   groups = group(select(flat, opts), opts)

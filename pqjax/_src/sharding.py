@@ -204,7 +204,7 @@ def group_stats(
     largest = block_absmax(m.reshape(m.shape[0], -1, 1), 1).reshape(-1)
     if every:
       largest = _pmax_bits(largest, every)
-    weight = stats.normalise(m, stats.scale_exponent(largest))
+    weight = stats.normalise(m, stats.binary_exponent(largest))
     if every:
       bad = jax.lax.psum(bad, every)
       sums = stats.tile_stats(xs, weight, tkl, tnl, bins, fold=False)
@@ -387,7 +387,7 @@ def common_sharding(layouts: Sequence[Layout | None]) -> NamedSharding | None:
   return NamedSharding(next(iter(meshes)), P())
 
 
-def gather(x: Any) -> Any:
+def to_host(x: Any) -> Any:
   """Multi-device arrays of ``x`` as host arrays, whole; others as they are.
 
   Only small arrays are gathered: histograms, and layers small enough for the

@@ -200,7 +200,7 @@ def _leaf_stats(
       absmax = np.concatenate(parts, axis=2)
     absmax = absmax[None]
     host = jnp.asarray(absmax)
-    weight = np.asarray(stats.normalise(host, stats.layer_exponent(host)))
+    weight = np.asarray(stats.normalise(host, stats.layer_binary_exponent(host)))
     per_tile: list[list[Any]] = [[None] * tn for _ in range(tk)]
     for j, c in enumerate(cols):
       a = jnp.asarray(absmax[0] if ncol == 1 else absmax[0][..., c])

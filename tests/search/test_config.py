@@ -32,12 +32,12 @@ import pqjax
     ('refine_width', math.inf, 'refine_width must be a finite number'),
     ('refine_width', -0.1, 'refine_width must be >= 0'),
     ('block_clip_width', math.nan, 'block_clip_width must be a finite number'),
-    ('grid', 2, 'grid must be an integer >= 3'),
-    ('grid', 24.0, 'grid must be an integer >= 3'),
-    ('grid', 3.5, 'grid must be an integer >= 3'),
+    ('exponent_points', 2, 'exponent_points must be an integer >= 3'),
+    ('exponent_points', 24.0, 'exponent_points must be an integer >= 3'),
+    ('exponent_points', 3.5, 'exponent_points must be an integer >= 3'),
     ('iters', 0, 'iters must be an integer >= 1'),
     ('iters', True, 'iters must be an integer >= 1'),
-    ('clip_grid', 1, 'clip_grid must be an integer >= 2'),
+    ('clip_points', 1, 'clip_points must be an integer >= 2'),
     ('rounds', None, 'rounds must be an integer >= 1'),
     ('refine_iters', -1, 'refine_iters must be an integer >= 0'),
     ('refine_below', 1e5, 'refine_below must be an integer >= 0'),
@@ -52,17 +52,21 @@ def test_bad_fields_are_named(field, value, message):
 
 
 def test_numpy_numbers_are_accepted_as_python_ones():
-  cfg = pqjax.SearchConfig(lo=np.float32(0.25), hi=1, grid=np.int64(8), bins=512)
+  cfg = pqjax.SearchConfig(
+    lo=np.float32(0.25), hi=1, exponent_points=np.int64(8), bins=512
+  )
   assert cfg.lo == 0.25 and type(cfg.lo) is float and type(cfg.hi) is float
-  assert cfg.grid == 8 and type(cfg.grid) is int
-  assert cfg == pqjax.SearchConfig(lo=0.25, hi=1.0, grid=8, bins=512)  # hashable, equal
+  assert cfg.exponent_points == 8 and type(cfg.exponent_points) is int
+  assert cfg == pqjax.SearchConfig(
+    lo=0.25, hi=1.0, exponent_points=8, bins=512
+  )  # hashable, equal
 
 
 def test_a_valid_config_searches_inside_its_range():
   w = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
   for cfg in (
     pqjax.SearchConfig(lo=0.3, hi=0.4, bins=256),
-    pqjax.SearchConfig(lo=1.2, hi=1.5, bins=16, grid=3, refine_iters=0),
+    pqjax.SearchConfig(lo=1.2, hi=1.5, bins=16, exponent_points=3, refine_iters=0),
   ):
     _, alphas = pqjax.quantize({'w': w}, 4, search_config=cfg)
     assert np.float32(cfg.lo) <= alphas['w'] <= np.float32(cfg.hi)

@@ -137,8 +137,8 @@ def test_minimise_finds_a_joint_optimum_in_exponent_and_clip():
 def test_search_config_rejects_bad_ranges():
   with pytest.raises(ValueError, match='0 < lo < hi'):
     pqjax.SearchConfig(lo=1.0, hi=0.5)
-  with pytest.raises(ValueError, match='grid'):
-    pqjax.SearchConfig(grid=2)
+  with pytest.raises(ValueError, match='exponent_points'):
+    pqjax.SearchConfig(exponent_points=2)
 
 
 def _dense_best_2d(err, a_range=(0.05, 2.0), c_range=(0.3, 1.0)) -> tuple[float, tuple]:

@@ -373,7 +373,7 @@ def choose_tiling(
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class _Launch:
   """Everything static the kernel body needs."""
 
   tiling: Tiling
@@ -416,7 +416,7 @@ def _load(ref: Ref, mask: jax.Array | None) -> jax.Array:
   return plgpu.load(ref, mask=mask, other=0)
 
 
-def _lookup_fn(table_ref: Ref, p: _Plan) -> Callable[[jax.Array], jax.Array]:
+def _lookup_fn(table_ref: Ref, p: _Launch) -> Callable[[jax.Array], jax.Array]:
   """Maps int32 table indices to float32 levels."""
   if p.lookup == 'gather':
     return lambda idx: table_ref[idx].astype(jnp.float32)
@@ -437,7 +437,7 @@ def _lookup_fn(table_ref: Ref, p: _Plan) -> Callable[[jax.Array], jax.Array]:
 
 
 def _kernel(
-  x_ref: Ref, codes_ref: Ref, scale_ref: Ref, table_ref: Ref, o_ref: Ref, *, p: _Plan
+  x_ref: Ref, codes_ref: Ref, scale_ref: Ref, table_ref: Ref, o_ref: Ref, *, p: _Launch
 ) -> None:
   t_ = p.tiling
   u, nbytes = codes_per_unit(p.bits)
@@ -725,7 +725,7 @@ def packed_matmul(
     num_stages=num_stages,
     prefetch=prefetch,
   )
-  plan = _Plan(
+  plan = _Launch(
     tiling=tiling,
     bits=bits,
     m=m,

@@ -154,7 +154,7 @@ def packed_product(
   # Codes past row k (packing pads the last unit) meet zeros of x.
   xs = x.reshape(rows, k).astype(jnp.float32)
   xs = jnp.pad(xs, ((0, 0), (0, units * c - k))).reshape(rows, units, c)
-  weight = _Weight(
+  weight = _CodesOperand(
     jnp.asarray(codes),
     jnp.asarray(scale, jnp.float32),
     jnp.asarray(table, jnp.float32),
@@ -169,7 +169,7 @@ def packed_product(
   return y.reshape(*lead, n).astype(out_dtype)
 
 
-class _Weight:
+class _CodesOperand:
   """The packed weight's arrays and static facts, passed to the two forms."""
 
   def __init__(
@@ -252,7 +252,7 @@ def _levels(parts: list[jax.Array], j: int, table: jax.Array, bits: int) -> jax.
   return levels[0]
 
 
-def _one_row(xs: jax.Array, w: _Weight) -> jax.Array:
+def _one_row(xs: jax.Array, w: _CodesOperand) -> jax.Array:
   """``(N,)`` product of one row, ``xs`` ``(units, c)`` in float32."""
   # Enough units a step that the partial sums stay near PARTIAL_BYTES.
   unroll = max(-(-MIN_STEP_ROWS // w.c), -(-w.units * w.n * 4 // PARTIAL_BYTES))
@@ -266,7 +266,7 @@ def _one_row(xs: jax.Array, w: _Weight) -> jax.Array:
 
 
 def _partial_sums(
-  xs: jax.Array, w: _Weight, start: int, steps: int, unroll: int
+  xs: jax.Array, w: _CodesOperand, start: int, steps: int, unroll: int
 ) -> jax.Array:
   """``(steps, N)``: row ``i`` sums units ``start + i * unroll`` to ``+ unroll``."""
   stop = start + steps * unroll
@@ -287,7 +287,7 @@ def _partial_sums(
   return jnp.where(jnp.isnan(first_x), jnp.nan, acc)
 
 
-def _blocked(xs: jax.Array, w: _Weight) -> jax.Array:
+def _blocked(xs: jax.Array, w: _CodesOperand) -> jax.Array:
   """``(rows, N)`` product, ``xs`` ``(rows, units, c)`` in float32."""
   rows = xs.shape[0]
   xt = xs.transpose(2, 0, 1)  # (c, rows, units): a block's x is one slice per code.

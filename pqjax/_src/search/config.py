@@ -16,12 +16,13 @@ class SearchConfig:
     lo: smallest exponent considered.
     hi: largest exponent considered. ``a = 1`` is uniform quantization; ``a < 1``
       puts more levels near zero, ``a > 1`` near the block maximum.
-    grid: points of the coarse exponent grid over ``[lo, hi]``.
+    exponent_points: points of the coarse exponent grid over ``[lo, hi]`` (the
+      grid's resolution; ``grid=`` of :func:`pqjax.quantize` is the grid of levels).
     iters: golden-section steps on the exponent in each round; the bracket shrinks
       by 0.618 each step. These steps cost nothing per weight: they run on binned
       statistics of the layer.
     clip_lo: smallest clip ratio considered (the block scale over its absmax).
-    clip_grid: points of the coarse clip grid over ``[clip_lo, 1]``.
+    clip_points: points of the coarse clip grid over ``[clip_lo, 1]``.
     clip_iters: golden-section steps on the clip ratio in each round.
     rounds: rounds of alternating exponent and clip steps after the grid.
     refine_width: half-width of the exponent bracket, around the optimum of the
@@ -41,10 +42,10 @@ class SearchConfig:
 
   lo: float = 0.05
   hi: float = 2.0
-  grid: int = 24
+  exponent_points: int = 24
   iters: int = 24
   clip_lo: float = 0.3
-  clip_grid: int = 8
+  clip_points: int = 8
   clip_iters: int = 16
   rounds: int = 2
   refine_width: float = 0.05
@@ -81,9 +82,9 @@ class SearchConfig:
 # Fields that are finite real numbers, and integer fields with their least value.
 _FLOATS = ('lo', 'hi', 'clip_lo', 'refine_width', 'refine_clip_width', 'block_clip_width')
 _INTS = {
-  'grid': 3,
+  'exponent_points': 3,
   'iters': 1,
-  'clip_grid': 2,
+  'clip_points': 2,
   'clip_iters': 1,
   'rounds': 1,
   'refine_iters': 0,

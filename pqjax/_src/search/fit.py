@@ -22,7 +22,7 @@ from pqjax._src.search.optimiser import alternate, minimise
 from pqjax._src.search.stats import (
   coarsen,
   grid_bins,
-  layer_exponent,
+  layer_binary_exponent,
   normalise,
   prepare_stack,
   stack,
@@ -71,8 +71,8 @@ def estimate_config(config: SearchConfig) -> SearchConfig:
   """The shorter schedule of :func:`width_errors`, in ``config``'s ranges."""
   return dataclasses.replace(
     config,
-    grid=min(config.grid, 8),
-    clip_grid=min(config.clip_grid, 4),
+    exponent_points=min(config.exponent_points, 8),
+    clip_points=min(config.clip_points, 4),
     iters=min(config.iters, 6),
     clip_iters=min(config.clip_iters, 5),
     rounds=1,
@@ -175,8 +175,8 @@ def search_widths(
       alpha,
       clip,
       plan=plan,
-      a_half=(config.hi - config.lo) / (config.grid - 1),
-      c_half=(1.0 - config.clip_lo) / (config.clip_grid - 1),
+      a_half=(config.hi - config.lo) / (config.exponent_points - 1),
+      c_half=(1.0 - config.clip_lo) / (config.clip_points - 1),
       iters=config.iters,
       clip_iters=config.clip_iters,
       rounds=1,
@@ -213,7 +213,7 @@ def refine_layers(
   prepared = [
     prepare_stack(stack(g, k, n), nk, ncol) for g, (k, n, nk, ncol) in zip(groups, views)
   ]
-  exponents = [layer_exponent(scale) for _, scale in prepared]
+  exponents = [layer_binary_exponent(scale) for _, scale in prepared]
   err = jax.vmap(functools.partial(operator.block_error, grid=grid))
   widths = bits if isinstance(bits, tuple) else (bits,) * len(prepared)
   fs = [

@@ -227,12 +227,12 @@ def minimise(
   f_grid = f_grid or f
   n = a0.shape[0]
   a_grid = (
-    jnp.linspace(config.lo, config.hi, config.grid, dtype=jnp.float32)
+    jnp.linspace(config.lo, config.hi, config.exponent_points, dtype=jnp.float32)
     if plan.search_alpha
     else a0[None]
   )
   c_grid = (
-    jnp.linspace(config.clip_lo, 1.0, config.clip_grid, dtype=jnp.float32)
+    jnp.linspace(config.clip_lo, 1.0, config.clip_points, dtype=jnp.float32)
     if plan.search_clip
     else c0[None]
   )
@@ -255,8 +255,8 @@ def minimise(
     ia, jc = best // gc, best % gc
   a = a_grid[ia] if plan.search_alpha else a0
   c = c_grid[jc] if plan.search_clip else c0
-  a_step = (config.hi - config.lo) / (config.grid - 1)
-  c_step = (1.0 - config.clip_lo) / (config.clip_grid - 1)
+  a_step = (config.hi - config.lo) / (config.exponent_points - 1)
+  c_step = (1.0 - config.clip_lo) / (config.clip_points - 1)
   return alternate(
     f,
     a,

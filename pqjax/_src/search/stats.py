@@ -38,7 +38,7 @@ def prepare(w: jax.Array, nk: int, ncol: int) -> tuple[jax.Array, jax.Array]:
 ZERO_EXPONENT = -126
 
 
-def scale_exponent(m: Any, xp: Any = jnp) -> Any:
+def binary_exponent(m: Any, xp: Any = jnp) -> Any:
   """``e`` with ``2 ** e <= m < 2 ** (e + 1)`` for float32 ``m``, read from its bits.
 
   -126 where ``m`` is zero or subnormal, 0 where it is Inf or NaN. Integer work on
@@ -51,9 +51,9 @@ def scale_exponent(m: Any, xp: Any = jnp) -> Any:
   ).astype(xp.int32)
 
 
-def layer_exponent(absmax: Any, xp: Any = jnp) -> Any:
-  """:func:`scale_exponent` of each layer's largest block scale, ``(L, ...) -> (L,)``."""
-  return scale_exponent(xp.max(absmax.reshape(absmax.shape[0], -1), axis=1), xp)
+def layer_binary_exponent(absmax: Any, xp: Any = jnp) -> Any:
+  """:func:`binary_exponent` of each layer's largest block scale, ``(L, ...) -> (L,)``."""
+  return binary_exponent(xp.max(absmax.reshape(absmax.shape[0], -1), axis=1), xp)
 
 
 def _pow2(e: jax.Array) -> jax.Array:
@@ -180,7 +180,7 @@ def group_stats(
   # NaN and Inf reach the block absmax, so the scales tell without another pass.
   finite = jnp.all(jnp.isfinite(scale), axis=(1, 2, 3))
   tk, tn = tiles.counts(xs.shape[1] * xs.shape[2], n)
-  weight = normalise(scale, layer_exponent(scale))
+  weight = normalise(scale, layer_binary_exponent(scale))
   return finite, scale, tile_stats(xs, weight, tk, tn, bins, fold=True)
 
 
