@@ -160,10 +160,12 @@ def make_weights(k: int, n: int, bits: int, key: jax.Array) -> pqjax.QArray:
   )
 
 
-def kernel_fn(q: pqjax.QArray, interpret: bool, **options) -> Callable[..., jax.Array]:
+def kernel_fn(
+  q: pqjax.QArray, interpret: bool, config: pm.KernelConfig
+) -> Callable[..., jax.Array]:
   k = q.shape[0]
   return lambda x, codes, scale, table: pm.packed_matmul(
-    x, codes, scale, table, bits=q.bits, k=k, interpret=interpret, **options
+    x, codes, scale, table, bits=q.bits, k=k, config=config, interpret=interpret
   )
 
 
@@ -238,7 +240,7 @@ def measure(
         t[f'k{b}'] = attempt(
           errors,
           f'kernel {b}b {name}',
-          kernel_fn(q, interpret),
+          kernel_fn(q, interpret, pm.KernelConfig()),
           (x, q.codes, q.scale, q.table),
           reps,
           runs,
@@ -366,16 +368,16 @@ def tune(
       if clock.left() < 5:
         lines.append(f'| {m} | {options} | not measured: out of time | |')
         continue
-      tiling_options = {a: v for a, v in options.items() if a != 'lookup'}
+      config = pm.KernelConfig(**options)
       try:
-        t_ = pm.choose_tiling(m, k, n, 4, **tiling_options)
+        t_ = pm.choose_tiling(m, k, n, 4, config=config)
         desc = (
           f'{t_.method} {t_.block_m}x{t_.block_n}x{t_.block_k} s{t_.split_k}'
           f' w{t_.num_warps} st{t_.num_stages}'
         )
         v = fmt_us(
           timed(
-            kernel_fn(q, interpret, **options), (x, q.codes, q.scale, q.table), reps, runs
+            kernel_fn(q, interpret, config), (x, q.codes, q.scale, q.table), reps, runs
           )
         )
       except Exception as e:

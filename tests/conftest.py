@@ -1,16 +1,19 @@
 import gc
 import os
-import sys
-from pathlib import Path
 
 import jax
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 # The command line keeps compiled programs in the user's cache folder; tests that
 # call it (in this process or in subprocesses) must leave that folder alone.
 os.environ['PQJAX_NO_COMPILE_CACHE'] = '1'
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+  """Runs in this process when debugging: the project's ``-n 2`` cannot take ``--pdb``."""
+  if config.getoption('usepdb', False) or config.getoption('trace', False):
+    config.option.numprocesses = 0
 
 
 @pytest.fixture(autouse=True, scope='module')

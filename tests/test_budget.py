@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pqjax
-from pqjax._src import budget
+from pqjax._src import budget, widths
 from pqjax._src import quantize as quantize_lib
 from pqjax._src.options import QuantizeOptions
 
@@ -132,7 +132,7 @@ def _table(params, **options):
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   groups = quantize_lib.group(quantize_lib.select(flat, opts), opts)
   stats = quantize_lib.statistics(groups, opts.search_config, None)
-  return quantize_lib.width_table(groups, stats, opts), opts
+  return widths.width_table(groups, stats, opts), opts
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference as ref
 from flax import nnx
 
 import pqjax
+from tests import reference as ref
 
 
 def _tree(seed=0):

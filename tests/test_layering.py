@@ -50,7 +50,7 @@ def test_the_layer_check_can_fail(tmp_path):
 
 
 # Each unit of pqjax/_src (a subpackage or a module) imports only lower layers and
-# itself: the README's layout, from what a quantized array is up to the pipelines.
+# itself: docs/layout.md's layout, from what a quantized array is up to the pipelines.
 LAYERS = {
   'version': 0,
   'core': 0,
@@ -62,10 +62,13 @@ LAYERS = {
   'options': 2,
   'summary': 2,
   'sharding': 3,
-  'quantize': 4,
-  'streaming': 5,
-  'lora': 5,
-  'modules': 5,
+  'stages': 4,
+  'scale_storage': 5,
+  'widths': 6,
+  'quantize': 7,
+  'streaming': 8,
+  'lora': 8,
+  'modules': 8,
 }
 
 

@@ -637,3 +637,225 @@ def test_residual_init_is_the_best_low_rank_fit_of_the_error():
     pqjax.lora.init(params_q, rank=4, key=jax.random.key(0), init='residual')
   with pytest.raises(ValueError, match='init must be'):
     pqjax.lora.init(params_q, rank=4, key=jax.random.key(0), init='svd')
+
+
+# --- layer stacks: one adapter per layer ------------------------------------------------
+
+
+@pytest.mark.parametrize('path', ['auto', 'decode'])
+def test_stacked_layers_gradients_reach_each_layers_adapter(path):
+  """Leaves with one and two layer axes under (nested) scans: each layer's product
+  and the gradients of its own ``a`` and ``b`` are those of its float weight."""
+  rng = np.random.default_rng(11)
+  tree = {
+    'one': rng.standard_t(4, (3, 24, 24)).astype(np.float32) / 5,
+    'two': rng.standard_t(4, (2, 3, 24, 24)).astype(np.float32) / 5,
+  }
+  axes = {'one': 1, 'two': 2}
+  params_q = pqjax.quantize(tree, bits=4, layer_axes=lambda p, _: axes[p])[0]
+  params_l = _trained(pqjax.lora.init(params_q, rank=3, key=jax.random.key(4)))
+  one, two = params_l['one'], params_l['two']
+  assert one.a.shape == (3, 24, 3) and two.b.shape == (2, 3, 3, 24)
+  x = jnp.asarray(rng.standard_normal((4, 24)), jnp.float32)
+
+  def run(ws_one, ws_two, x):
+    step = lambda h, w: (jnp.tanh(h @ w), None)
+    x = jax.lax.scan(step, x, ws_one)[0]
+    return jax.lax.scan(lambda h, ws: (jax.lax.scan(step, h, ws)[0], None), x, ws_two)[0]
+
+  model = pqjax.wrap(lambda p, x: run(p['one'], p['two'], x), products=path)
+
+  def loss(ab, x):
+    p = {k: dataclasses.replace(params_l[k], a=a, b=b) for k, (a, b) in ab.items()}
+    return jnp.sum(model(p, x) ** 2)
+
+  def reference(ab, x):
+    w = {
+      k: pqjax.dequantize(params_l[k].base) + a @ b * params_l[k].scale
+      for k, (a, b) in ab.items()
+    }
+    return jnp.sum(run(w['one'], w['two'], x) ** 2)
+
+  ab = {k: (v.a, v.b) for k, v in params_l.items()}
+  np.testing.assert_allclose(
+    float(jax.jit(loss)(ab, x)), float(reference(ab, x)), rtol=1e-5
+  )
+  got = jax.jit(jax.grad(loss))(ab, x)
+  want = jax.grad(reference)(ab, x)
+  for k in ab:
+    for name, g, r in zip('ab', got[k], want[k]):
+      r = np.asarray(r)
+      # Every layer's adapter has its own gradient.
+      per_layer = np.abs(r).reshape(-1, *r.shape[-2:]).max(axis=(-2, -1))
+      assert (per_layer > 1e-4).all(), (k, name)
+      np.testing.assert_allclose(
+        np.asarray(g), r, rtol=1e-4, atol=1e-5 * np.abs(r).max(), err_msg=f'{k}.{name}'
+      )
+
+
+# --- activation quantization (act_bits) with adapters -----------------------------------
+
+
+def _np_fake_quantize(x, alpha, bits, axes=None):
+  """The activation quantizer in float64: absmax scales over ``axes``, power codes."""
+  x = np.asarray(x, np.float64)
+  qm = 2 ** (bits - 1) - 1
+  m = np.max(np.abs(x), axis=axes, keepdims=True)
+  safe = np.where(m > 0, m, 1.0)
+  k = np.round(qm * (np.abs(x) / safe) ** alpha)
+  return np.sign(x) * m * (k / qm) ** (1.0 / alpha)
+
+
+@pytest.mark.parametrize('granularity', ['tensor', 'token'])
+@pytest.mark.parametrize('bits', [4, 8])
+def test_act_bits_quantize_the_input_of_base_and_adapter(adapted, bits, granularity):
+  """``quantize(x) @ (W + a @ b * scale)``: the adapter sees the same quantized input
+  as the base; gradients reach a and b, and x straight through the quantizer."""
+  leaf = adapted[4]['dense']['kernel']
+  alpha = float(np.asarray(leaf.base.alpha))
+  w = jnp.asarray(pqjax.dequantize(leaf.base))
+  rng = np.random.default_rng(bits)
+  x = (rng.laplace(size=(5, 48)) * np.linspace(0.2, 3.0, 48)).astype(np.float32)
+  axes = None if granularity == 'tensor' else (-1,)
+  xq = _np_fake_quantize(x, alpha, bits, axes)
+  model = pqjax.wrap(lambda p, x: x @ p['k'], act_bits=bits, act_granularity=granularity)
+  got = np.asarray(jax.jit(model)({'k': leaf}, x), np.float64)
+  want = xq @ _reference_weight(leaf)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  # Unquantized input to the adapter or the base alone would differ by this much.
+  assert np.abs(x @ _reference_weight(leaf) - want).max() > 1e-3
+  assert np.abs(xq @ np.asarray(w, np.float64) - want).max() > 1e-2
+
+  def loss(a, b, x):
+    return jnp.sum(jnp.tanh(model({'k': dataclasses.replace(leaf, a=a, b=b)}, x)))
+
+  def reference(a, b, xq):
+    return jnp.sum(jnp.tanh(xq @ (w + a @ b * leaf.scale)))
+
+  got_g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(leaf.a, leaf.b, x)
+  want_g = jax.grad(reference, argnums=(0, 1, 2))(
+    leaf.a, leaf.b, jnp.asarray(xq, jnp.float32)
+  )
+  for name, g, r in zip('abx', got_g, want_g):
+    r = np.asarray(r)
+    assert np.abs(r).max() > 1e-3, name
+    np.testing.assert_allclose(
+      np.asarray(g), r, rtol=1e-4, atol=1e-4 * np.abs(r).max(), err_msg=name
+    )
+
+
+# --- Flax NNX models --------------------------------------------------------------------
+
+
+def _nnx_block():
+  from flax import nnx
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.up = nnx.Linear(24, 40, rngs=rngs)
+      self.down = nnx.Linear(40, 24, rngs=rngs)
+
+    def __call__(self, x):
+      return x + self.down(jax.nn.gelu(self.up(x)))
+
+  return Block(nnx.Rngs(3))
+
+
+def _nnx_reference(params_l, x, adapters=True):
+  """The block in jnp on float kernels ``W + a @ b * scale`` (the base decoded alone;
+  ``adapters=False``: the base alone)."""
+
+  def weight(leaf):
+    w = pqjax.dequantize(leaf.base)
+    return w + leaf.a @ leaf.b * leaf.scale if adapters else w
+
+  w = {k: weight(v['kernel']) for k, v in params_l.items()}
+  h = jax.nn.gelu(x @ w['up'] + params_l['up']['bias'])
+  return x + h @ w['down'] + params_l['down']['bias']
+
+
+def test_nnx_model_runs_and_trains_with_adapters():
+  from flax import nnx
+
+  model_q, _ = pqjax.nnx.quantize(_nnx_block(), bits=4)
+  params_l = _trained(
+    pqjax.lora.init(pqjax.nnx.params(model_q), 4, key=jax.random.key(0))
+  )
+  assert isinstance(params_l['up']['kernel'], pqjax.lora.LoraArray)
+  pqjax.nnx.load_params(model_q, params_l)
+  assert isinstance(model_q.down.kernel.get_value(), pqjax.lora.LoraArray)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 24)), jnp.float32)
+  want = _nnx_reference(params_l, x)
+  np.testing.assert_allclose(model_q(x), want, rtol=1e-5, atol=1e-5)
+  graphdef, state = nnx.split(model_q)
+  out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  base_only = _nnx_reference(params_l, x, adapters=False)
+  assert np.abs(np.asarray(want) - np.asarray(base_only)).max() > 1e-2
+
+  # Training: gradients of the adapters alone, the model rebuilt from its state.
+  graphdef, params, rest = nnx.split(model_q, nnx.Param, ...)
+  adapters, frozen = pqjax.lora.split(nnx.to_pure_dict(params))
+
+  def loss(adapters, x):
+    fresh = jax.tree_util.tree_map(lambda v: v, params)  # new variables in this trace
+    nnx.replace_by_pure_dict(fresh, pqjax.lora.merge(adapters, frozen))
+    return jnp.sum(jnp.tanh(nnx.merge(graphdef, fresh, rest)(x)))
+
+  def reference(adapters, x):
+    return jnp.sum(jnp.tanh(_nnx_reference(pqjax.lora.merge(adapters, frozen), x)))
+
+  got = jax.jit(jax.grad(loss))(adapters, x)
+  want_g = jax.grad(reference)(adapters, x)
+  for k in ('up', 'down'):
+    for f in ('a', 'b'):
+      g, r = getattr(got[k]['kernel'], f), np.asarray(getattr(want_g[k]['kernel'], f))
+      assert np.abs(r).max() > 1e-3, (k, f)
+      np.testing.assert_allclose(
+        np.asarray(g), r, rtol=1e-4, atol=1e-5 * np.abs(r).max(), err_msg=f'{k}.{f}'
+      )
+  assert got['up']['bias'] is None  # only adapters train
+
+
+def test_nnx_state_takes_adapters_with_paths_without_value():
+  """``init`` on ``nnx.state(model_q, nnx.Param)``: filters and the float params see
+  the paths ``pqjax.nnx.quantize`` gives (no ``value``); ``nnx.update`` puts the
+  adapters into the model, ``fold`` folds them in the state."""
+  from flax import nnx
+
+  model = _nnx_block()
+  model_q, _ = pqjax.nnx.quantize(model, bits=3)
+  state = nnx.state(model_q, nnx.Param)
+  seen = []
+
+  def only_up(path, leaf):
+    seen.append(path)
+    return path == 'up/kernel'
+
+  floats = nnx.state(model, nnx.Param)
+  state_l = pqjax.lora.init(
+    state, 2, key=jax.random.key(0), filter=only_up, init='residual', params=floats
+  )
+  assert 'up/kernel' in seen and not any('value' in p for p in seen)
+  nnx.update(model_q, state_l)
+  up = model_q.up.kernel.get_value()
+  assert isinstance(up, pqjax.lora.LoraArray) and up.rank == 2
+  assert isinstance(model_q.down.kernel.get_value(), pqjax.QArray)
+  # Residual start: the adapter is the quantization error's best rank-2 fit.
+  w = np.asarray(model.up.kernel.get_value(), np.float64)
+  error = w - np.asarray(pqjax.dequantize(up.base), np.float64)
+  s = np.linalg.svd(error, compute_uv=False)
+  np.testing.assert_allclose(
+    np.linalg.norm(w - _reference_weight(up)), np.sqrt(np.sum(s[2:] ** 2)), rtol=1e-4
+  )
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 24)), jnp.float32)
+  p = pqjax.nnx.params(model_q)
+  h = jax.nn.gelu(x @ _reference_weight(up) + p['up']['bias'])
+  want = x + h @ pqjax.dequantize(p['down']['kernel']) + p['down']['bias']
+  np.testing.assert_allclose(model_q(x), want, rtol=1e-5, atol=1e-5)
+  folded = pqjax.lora.fold(nnx.state(model_q, nnx.Param))
+  nnx.update(model_q, folded)
+  q = model_q.up.kernel.get_value()
+  assert isinstance(q, pqjax.QArray) and q.bits == 3
+  want = pqjax.quantize({'w': up.dequantize()}, bits=3)[0]['w']
+  np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(want.codes))

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference as ref
 
 import pqjax
+from tests import reference as ref
 
 
 def _params(seed=0):

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference
 
 import pqjax
 from pqjax._src.runtime import weights
+from tests import reference
 
 
 def coded_reference(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,17 +1,22 @@
 """Encoding: each layer's packed codes and stored block scales, from its fit.
 
-Jitted per layer shape and batched over the layers of that shape.
+Jitted per leaf, batched over the stacked layers of a leaf. The stored scales do not
+depend on the width (unless each block picks its clip ratio), so they have a program
+of their own, and the codes one per leaf shape and width: the programs do not depend
+on which other leaves share a width, and the first bit budget on a tree compiles the
+codes at every width a later budget may give a leaf (:func:`compile_widths`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pqjax._src.core import operator, packing
 from pqjax._src.core.blocks import block_view
@@ -76,17 +81,39 @@ def encode_block(
   if block_clip:
     xs = operator.divide(w3, absmax)
     clip = _block_clip(xs, absmax, alpha, clip, bits, grid, config)
+  scale, steps, column = stored_scales(absmax, clip, storage, column_max)
+  codes = block_codes(w, scale, alpha, nk=nk, bits=bits, grid=grid)
+  return codes, scale[:, 0, :], steps[:, 0, :], column[:, 0, :]
+
+
+def stored_scales(
+  absmax: jax.Array,
+  clip: jax.Array,
+  storage: jax.Array,
+  column_max: Callable[[jax.Array], jax.Array] = lambda x: x,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One layer's block scales as stored ``(nk, 1, ncol)`` (float32 values), their
+  uint8 steps, and the column scale ``(1, 1, ncol)`` the steps count in.
+
+  ``clip`` is the layer's clip ratio, or each block's.
+  """
   scale = absmax * clip
   column = column_max(jnp.max(scale, axis=0, keepdims=True))
   steps = packing.coded_scales(scale, column)
   # In the order of SCALE_DTYPES: float32, float16, uint8.
   stored = [scale, scale.astype(jnp.float16).astype(jnp.float32)]
   stored.append(packing.scale_values(steps, column))
-  # Encode against the scale as stored, so the codes fit the rounded scale.
-  scale = jnp.stack(stored)[storage.astype(jnp.int32)]
+  return jnp.stack(stored)[storage.astype(jnp.int32)], steps, column
+
+
+def block_codes(
+  w: jax.Array, scale: jax.Array, alpha: jax.Array, *, nk: int, bits: int, grid: str
+) -> jax.Array:
+  """One layer's packed codes, chosen against its scales as stored (so that the
+  codes fit the rounded scales)."""
+  w3 = block_view(w, nk)
   q = operator.encode(w3, scale, alpha, bits, grid).reshape(-1, w.shape[1])[: w.shape[0]]
-  codes = packing.pack(q, bits, steps_of(bits, grid)[0])
-  return codes, scale[:, 0, :], steps[:, 0, :], column[:, 0, :]
+  return packing.pack(q, bits, steps_of(bits, grid)[0])
 
 
 class Encoding(NamedTuple):
@@ -110,16 +137,170 @@ def split_layers(x: jax.Array, layers: Sequence[tuple[int, ...]]) -> list[jax.Ar
   return out
 
 
-@functools.partial(
-  jax.jit,
-  static_argnames=('k', 'n', 'nk', 'layers', 'bits', 'grid', 'block_clip', 'config'),
-)
-def encode_layers(
-  leaves: Sequence[jax.Array],
+def encode_stack(
+  ws: jax.Array,
   alpha: jax.Array,
   clip: jax.Array,
   absmax: jax.Array,
   storage: jax.Array,
+  *,
+  nk: int,
+  bits: int,
+  grid: str,
+  block_clip: bool,
+  config: SearchConfig,
+  column_max: Callable[[jax.Array], jax.Array] = lambda x: x,
+) -> tuple[jax.Array, ...]:
+  """:func:`encode_block` of each layer of ``ws`` ``(L, K, N)``: per layer results.
+
+  The work of one device, whether it holds whole layers or a shard of each
+  (``column_max`` then completes a column's largest scale across devices).
+  """
+  fn = functools.partial(
+    encode_block,
+    nk=nk,
+    bits=bits,
+    grid=grid,
+    block_clip=block_clip,
+    config=config,
+    column_max=column_max,
+  )
+  return jax.vmap(fn)(ws, alpha, clip, absmax, storage)
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=('k', 'n', 'nk', 'layers', 'bits', 'grid', 'block_clip', 'config'),
+)
+def encode_leaf(
+  w: jax.Array,
+  alpha: jax.Array,
+  clip: jax.Array,
+  absmax: jax.Array,
+  storage: jax.Array,
+  *,
+  k: int,
+  n: int,
+  nk: int,
+  layers: tuple[int, ...],
+  bits: int,
+  grid: str,
+  block_clip: bool,
+  config: SearchConfig,
+) -> tuple[jax.Array, ...]:
+  """One leaf's packed codes ``(*layers, packed_rows, N)``, and its scales: float32
+  values and uint8 steps ``(*layers, nk, ncol)``, column scales ``(*layers, 1, ncol)``.
+
+  ``alpha``, ``clip`` and ``storage`` are per layer ``(L,)``, ``absmax`` is
+  ``(L, nk, 1, ncol)``. One program for all: what a block clip, which depends on
+  the width, needs.
+  """
+  out = encode_stack(
+    stack((w,), k, n),
+    alpha,
+    clip,
+    absmax,
+    storage,
+    nk=nk,
+    bits=bits,
+    grid=grid,
+    block_clip=block_clip,
+    config=config,
+  )
+  return tuple(split_layers(x, (layers,))[0] for x in out)
+
+
+@functools.partial(jax.jit, static_argnames=('layers',))
+def leaf_scales(
+  absmax: jax.Array, clip: jax.Array, storage: jax.Array, *, layers: tuple[int, ...]
+) -> tuple[jax.Array, ...]:
+  """:func:`stored_scales` of each layer of a leaf: the scales ``(L, nk, 1, ncol)``
+  the codes are chosen against, then as :func:`encode_leaf` returns them."""
+  scale, steps, column = jax.vmap(stored_scales)(absmax, clip, storage)
+  return (
+    scale,
+    *(split_layers(x[:, :, 0, :], (layers,))[0] for x in (scale, steps, column)),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'n', 'nk', 'layers', 'bits', 'grid'))
+def leaf_codes(
+  w: jax.Array,
+  scale: jax.Array,
+  alpha: jax.Array,
+  *,
+  k: int,
+  n: int,
+  nk: int,
+  layers: tuple[int, ...],
+  bits: int,
+  grid: str,
+) -> jax.Array:
+  """:func:`block_codes` of each layer of a leaf: ``(*layers, packed_rows, N)``."""
+  fn = functools.partial(block_codes, nk=nk, bits=bits, grid=grid)
+  return split_layers(jax.vmap(fn)(stack((w,), k, n), scale, alpha), (layers,))[0]
+
+
+def compilations(
+  w: jax.Array,
+  *,
+  k: int,
+  n: int,
+  nk: int,
+  ncol: int,
+  layers: tuple[int, ...],
+  widths: Sequence[int],
+  grid: str,
+  block_clip: bool,
+  config: SearchConfig,
+) -> list[tuple[Hashable, Callable[[], object]]]:
+  """The compilations of the encoding of a leaf like ``w`` at each of ``widths``.
+
+  Under a bit budget the first call compiles every width a later budget may give
+  the leaf (see :func:`fit.compile_all`). ``w`` itself is not read: it stands for
+  its shape, dtype and placement.
+  """
+  count = math.prod(layers)
+  one = jax.ShapeDtypeStruct((count,), jnp.float32)
+  absmax = jax.ShapeDtypeStruct((count, nk, 1, ncol), jnp.float32)
+  storage = jax.ShapeDtypeStruct((count,), jnp.int8)
+
+  def at(bits: int) -> object:
+    if block_clip:
+      return encode_leaf.lower(
+        w,
+        one,
+        one,
+        absmax,
+        storage,
+        k=k,
+        n=n,
+        nk=nk,
+        layers=layers,
+        bits=bits,
+        grid=grid,
+        block_clip=True,
+        config=config,
+      ).compile()
+    return leaf_codes.lower(
+      w, absmax, one, k=k, n=n, nk=nk, layers=layers, bits=bits, grid=grid
+    ).compile()
+
+  # The program depends on the leaf's type and placement, and the settings.
+  committed = isinstance(w, jax.Array) and w.committed
+  like = (w.shape, np.dtype(w.dtype), committed and w.sharding)
+  settings = (k, n, nk, ncol, layers, grid, block_clip and config)
+  return [
+    (('encode', like, settings, int(b)), functools.partial(at, int(b))) for b in widths
+  ]
+
+
+def _encode_layers(
+  leaves: Sequence[jax.Array],
+  alpha: np.ndarray | jax.Array,
+  clip: np.ndarray | jax.Array,
+  absmax: np.ndarray | jax.Array,
+  storage: np.ndarray | jax.Array,
   *,
   k: int,
   n: int,
@@ -132,20 +313,64 @@ def encode_layers(
 ) -> Encoding:
   """Each leaf's packed codes and scales, as separate buffers.
 
-  ``layers[i]`` are leaf ``i``'s stacked-layer axes: its codes are
-  ``(*layers[i], packed_rows, N)`` and its scales ``(*layers[i], nk, ncol)``. The
-  ``L`` layers of all leaves, in order, are encoded in one batch. ``absmax`` is
-  :func:`group_stats`' ``(L, nk, 1, ncol)``, so that pass is not repeated;
-  ``storage`` ``(L,)`` says how each layer stores its scales (an index of
-  ``SCALE_DTYPES``).
+  Args:
+    leaves: the leaves of one block shape, each ``(*layers[i], ...)`` with ``K * N``
+      weights a layer.
+    alpha: every layer's exponent ``(L,)``, the leaves' layers in order.
+    clip: every layer's clip ratio ``(L,)``.
+    absmax: every layer's block absmax ``(L, nk, 1, ncol)`` (from the statistics
+      pass, so it is not repeated).
+    storage: how each layer stores its scales ``(L,)``, an index of
+      ``SCALE_DTYPES``.
+    k: rows of a layer's ``(K, N)`` view.
+    n: columns of that view.
+    nk: blocks along K.
+    layers: each leaf's stacked-layer axes.
+    bits: the code width.
+    grid: the grid of levels.
+    block_clip: whether each block picks its own clip ratio.
+    config: the search settings (the block clip's candidates).
+
+  Returns:
+    Per leaf: codes ``(*layers[i], packed_rows, N)`` and scales
+    ``(*layers[i], nk, ncol)``, each leaf encoded by a program of its shape and
+    width.
   """
-  fn = functools.partial(
-    encode_block,
-    nk=nk,
-    bits=bits,
-    grid=grid,
-    block_clip=block_clip,
-    config=config,
-  )
-  out = jax.vmap(fn)(stack(leaves, k, n), alpha, clip, absmax, storage)
-  return Encoding(*(split_layers(x, layers) for x in out))
+  # Per-layer inputs are cut on the host: a slice on the device would be one more
+  # program for each leaf's place in the group.
+  host = [np.asarray(x) for x in (alpha, clip, absmax, storage)]
+  out: list[list[jax.Array]] = [[], [], [], []]
+  start = 0
+  for w, shape in zip(leaves, layers):
+    stop = start + math.prod(shape)
+    alpha_, clip_, absmax_, storage_ = jax.device_put(tuple(x[start:stop] for x in host))
+    if block_clip:
+      arrays = encode_leaf(
+        w,
+        alpha_,
+        clip_,
+        absmax_,
+        storage_,
+        k=k,
+        n=n,
+        nk=nk,
+        layers=shape,
+        bits=bits,
+        grid=grid,
+        block_clip=True,
+        config=config,
+      )
+    else:
+      scale, *scales = leaf_scales(absmax_, clip_, storage_, layers=shape)
+      codes = leaf_codes(
+        w, scale, alpha_, k=k, n=n, nk=nk, layers=shape, bits=bits, grid=grid
+      )
+      arrays = (codes, *scales)
+    for lst, x in zip(out, arrays):
+      lst.append(x)
+    start = stop
+  return Encoding(*out)
+
+
+# Callers hand over the settings they share with :func:`encode_block` as one dict.
+encode_layers: Callable[..., Encoding] = _encode_layers

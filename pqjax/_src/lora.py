@@ -21,8 +21,9 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
-from pqjax._src.core.leaves import path_str
+from pqjax._src.core.leaves import KeyPath, PyTree, path_str
 from pqjax._src.core.qarray import (
   LoraArray,
   QArray,
@@ -41,17 +42,26 @@ def _default_filter(path: str, leaf: Any) -> bool:
   return isinstance(leaf, QArray)
 
 
+def _leaf_name(path: tuple[Any, ...]) -> str:
+  """A leaf's path as ``a/b/kernel``; in a Flax NNX state (``nnx.state(model)``) the
+  variable's ``value`` attribute is left out, as :func:`pqjax.nnx.quantize` names
+  parameters, so filters and the float tree match either form."""
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
+    path = path[:-1]
+  return path_str(path)
+
+
 def init(
-  params_q: Any,
+  params_q: PyTree,
   rank: int = 8,
   *,
   key: jax.Array,
   alpha: float | None = None,
   filter: AdapterFilter | None = None,
-  dtype: Any = jnp.float32,
+  dtype: DTypeLike = jnp.float32,
   init: Literal['gaussian', 'residual'] = 'gaussian',
-  params: Any = None,
-) -> Any:
+  params: PyTree = None,
+) -> PyTree:
   """Attaches a LoRA adapter to each selected quantized leaf.
 
   Each selected :class:`QArray` of ``(K, N)`` view (:attr:`QArray.matrix_shape`)
@@ -61,14 +71,17 @@ def init(
   with standard deviation ``1 / sqrt(K)``, so ``x @ a`` keeps the scale of ``x``.
 
   Args:
-    params_q: a tree from :func:`pqjax.quantize`.
+    params_q: a tree from :func:`pqjax.quantize`, or the parameters of a model from
+      :func:`pqjax.nnx.quantize` (:func:`pqjax.nnx.params`, or its
+      ``nnx.state(model_q, nnx.Param)``; :func:`pqjax.nnx.load_params` or
+      ``nnx.update`` puts the result back into the model).
     rank: the adapters' rank, 1 or more.
     key: a JAX random key for ``a``; each leaf gets its own, in tree order.
     alpha: the adapters' multiplier is ``alpha / rank``; ``None`` (default) takes
       ``alpha = rank``, a multiplier of 1.
     filter: ``filter(path, leaf) -> bool`` picks the leaves (``path``:
-      ``a/b/kernel``); it is called on every leaf, a QArray whole. Default: every
-      QArray. A leaf it picks must be a QArray.
+      ``a/b/kernel``, without NNX's ``value``); it is called on every leaf, a
+      QArray whole. Default: every QArray. A leaf it picks must be a QArray.
     dtype: the adapters' floating dtype (float32 by default, for training).
     init: ``"gaussian"`` (above), or ``"residual"``: ``a @ b * scale`` is the
       best rank-``rank`` approximation (SVD) of each leaf's quantization error
@@ -101,14 +114,14 @@ def init(
   floats = _floats_by_path(params) if params is not None else {}
   chosen = []
   for i, (path, leaf) in enumerate(flat):
-    if not pick(path_str(path), leaf):
+    if not pick(_leaf_name(path), leaf):
       continue
     if isinstance(leaf, LoraArray):
-      raise ValueError(f'{path_str(path)}: already has an adapter')
+      raise ValueError(f'{_leaf_name(path)}: already has an adapter')
     if not isinstance(leaf, QArray):
       what = type(leaf).__name__
       raise ValueError(
-        f'{path_str(path)}: selected for an adapter but not quantized ({what});'
+        f'{_leaf_name(path)}: selected for an adapter but not quantized ({what});'
         ' adapters sit on QArray leaves'
       )
     chosen.append(i)
@@ -116,7 +129,7 @@ def init(
   if chosen:
     keys = jax.random.split(key, len(chosen))
     for i, k in zip(chosen, keys):
-      name = path_str(flat[i][0])
+      name = _leaf_name(flat[i][0])
       if init == 'residual':
         if name not in floats:
           raise ValueError(f'{name}: no float leaf of that path in params')
@@ -126,13 +139,13 @@ def init(
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _floats_by_path(params: Any) -> dict[str, Any]:
+def _floats_by_path(params: PyTree) -> dict[str, Any]:
   flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_stored)[0]
-  return {path_str(p): x for p, x in flat}
+  return {_leaf_name(p): x for p, x in flat}
 
 
 def _residual(
-  name: str, q: QArray, w: Any, rank: int, scale: float, dtype: Any
+  name: str, q: QArray, w: ArrayLike, rank: int, scale: float, dtype: DTypeLike
 ) -> LoraArray:
   """An adapter whose ``a @ b * scale`` is the rank-``rank`` SVD of ``w - W_q``."""
   if tuple(np.shape(w)) != q.shape:
@@ -152,14 +165,16 @@ def _residual(
   return LoraArray(base=q, a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), scale=scale)
 
 
-def _attach(q: QArray, rank: int, key: jax.Array, scale: float, dtype: Any) -> LoraArray:
+def _attach(
+  q: QArray, rank: int, key: jax.Array, scale: float, dtype: DTypeLike
+) -> LoraArray:
   k, n = q.matrix_shape
   a = jax.random.normal(key, (*q.layers, k, rank), jnp.float32) / math.sqrt(k)
   b = jnp.zeros((*q.layers, rank, n), dtype)
   return LoraArray(base=q, a=a.astype(dtype), b=b, scale=scale)
 
 
-def split(params_l: Any) -> tuple[Any, Any]:
+def split(params_l: PyTree) -> tuple[PyTree, PyTree]:
   """Separates the adapters (what trains) from everything else (frozen).
 
   Args:
@@ -188,7 +203,7 @@ def split(params_l: Any) -> tuple[Any, Any]:
   return adapters, frozen
 
 
-def merge(adapters: Any, frozen: Any) -> Any:
+def merge(adapters: PyTree, frozen: PyTree) -> PyTree:
   """The tree :func:`split` separated: ``merge(*split(params_l))`` is ``params_l``.
 
   Args:
@@ -204,10 +219,10 @@ def merge(adapters: Any, frozen: Any) -> Any:
       fit its base; the leaf's path is named.
   """
 
-  def join(path: tuple[Any, ...], ad: Any, fr: Any) -> Any:
+  def join(path: KeyPath, ad: Any, fr: Any) -> Any:
     if ad is None:
       return fr
-    name = path_str(path)
+    name = _leaf_name(path)
     if not (isinstance(fr, LoraArray) and isinstance(fr.base, QArray)):
       raise ValueError(
         f'{name}: an adapter where the frozen tree holds {type(fr).__name__}, not'
@@ -226,7 +241,7 @@ def merge(adapters: Any, frozen: Any) -> Any:
   )
 
 
-def mask(params_l: Any) -> Any:
+def mask(params_l: PyTree) -> PyTree:
   """A tree of bools marking the adapter arrays, for ``optax.masked``.
 
   Args:
@@ -247,7 +262,7 @@ def mask(params_l: Any) -> Any:
   return jax.tree_util.tree_map(one, params_l, is_leaf=is_stored)
 
 
-def fold(params_l: Any, **quantize_options: Any) -> Any:
+def fold(params_l: PyTree, **quantize_options: Any) -> PyTree:
   """Adds each adapter into its weight and quantizes the result again.
 
   Each :class:`LoraArray` is decoded with its adapter added
@@ -272,7 +287,7 @@ def fold(params_l: Any, **quantize_options: Any) -> Any:
     ValueError: an option is invalid (as :func:`pqjax.quantize` raises it).
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params_l, is_leaf=is_stored)
-  adapted = {path_str(p): x for p, x in flat if isinstance(x, LoraArray)}
+  adapted = {_leaf_name(p): x for p, x in flat if isinstance(x, LoraArray)}
   if not adapted:
     return params_l
   floats = {name: x.dequantize() for name, x in adapted.items()}
@@ -289,5 +304,5 @@ def fold(params_l: Any, **quantize_options: Any) -> Any:
     for bits in sorted({x.base.bits for x in adapted.values()}):
       part = {n: w for n, w in floats.items() if adapted[n].base.bits == bits}
       folded.update(quantize(part, bits, **options)[0])
-  leaves = [folded[path_str(p)] if isinstance(x, LoraArray) else x for p, x in flat]
+  leaves = [folded[_leaf_name(p)] if isinstance(x, LoraArray) else x for p, x in flat]
   return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import jax
 
+from pqjax._src.core.leaves import PyTree
 from pqjax._src.core.qarray import contains_qarray
 from pqjax._src.core.qarray import dequantize as dequantize_tree
 from pqjax._src.quantize import quantize as quantize_tree
@@ -28,28 +30,33 @@ from pqjax._src.runtime.activations import ActGranularity
 from pqjax._src.runtime.products import ProductPath
 from pqjax._src.runtime.wrap import wrap
 
+if TYPE_CHECKING:
+  from flax.nnx import Module, State
+
 # Attribute of a quantized class naming its original class.
 _BASE = '__pqjax_base__'
 
 
-def _nnx() -> Any:
+def _nnx() -> ModuleType:
   from flax import nnx
 
   return nnx
 
 
 def _run_quantized(
-  module: Any,
+  module: Module,
   method: Callable[..., Any],
   wrap_options: dict[str, Any],
-  args: Any,
-  kwargs: Any,
+  args: tuple[Any, ...],
+  kwargs: dict[str, Any],
 ) -> Any:
   """``method(module, *args, **kwargs)`` under ``wrap``, its state changes kept."""
   nnx = _nnx()
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
-  def pure(state: Any, args: Any, kwargs: Any) -> tuple[Any, Any]:
+  def pure(
+    state: tuple[State, State], args: tuple[Any, ...], kwargs: dict[str, Any]
+  ) -> tuple[Any, State]:
     m = nnx.merge(graphdef, *state)
     out = method(m, *args, **kwargs)
     return out, nnx.state(m, nnx.Not(nnx.Param))
@@ -73,7 +80,9 @@ def _quantized_class(
     if original is None:
       continue
 
-    def method(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> Any:
+    def method(
+      self: Module, *args: Any, __original: Callable[..., Any] = original, **kwargs: Any
+    ) -> Any:
       nnx = _nnx()
       if not contains_qarray(nnx.state(self, nnx.Param)):
         # Inside a wrapped call (parameters already float) or a dequantized model.
@@ -86,13 +95,13 @@ def _quantized_class(
   return type(cls)(f'Quantized{cls.__name__}', (cls,), namespace)
 
 
-def _set_classes(model: Any, make: Callable[[type], type]) -> None:
+def _set_classes(model: Module, make: Callable[[type], type]) -> None:
   for _, m in _nnx().iter_graph(model):
     if isinstance(m, _nnx().Module):
       m.__class__ = make(type(m))
 
 
-def _fresh(state: Any) -> Any:
+def _fresh(state: State) -> State:
   """``state`` with new variable objects holding the same arrays: a split shares
   the model's variables, which the new model must not update."""
   return jax.tree_util.tree_map(lambda x: x, state)
@@ -103,7 +112,7 @@ def _base(cls: type) -> type:
 
 
 def quantize(
-  model: Any,
+  model: Module,
   bits: int | tuple[int, int] | None = None,
   *,
   methods: Sequence[str] = ('__call__',),
@@ -112,7 +121,7 @@ def quantize(
   act_exponent: float | None = None,
   products: ProductPath = 'auto',
   **options: Any,
-) -> tuple[Any, Any]:
+) -> tuple[Module, PyTree]:
   """Quantizes an NNX model's parameters into a model that runs on them.
 
   Args:
@@ -121,7 +130,10 @@ def quantize(
     methods: the methods that run quantized, on every module of the model (those a
       module lacks are skipped): ``__call__`` by default; add ``"generate"``,
       ``"decode"`` or others a client calls.
-    act_bits, act_granularity, act_exponent, products: as :func:`pqjax.wrap`.
+    act_bits: as :func:`pqjax.wrap`.
+    act_granularity: as :func:`pqjax.wrap`.
+    act_exponent: as :func:`pqjax.wrap`.
+    products: as :func:`pqjax.wrap`.
     **options: every option of :func:`pqjax.quantize`. Paths given to ``filter``,
       ``layer_axes``, ``output_axis`` and ``importance`` are the parameters' paths
       in the model, without NNX's ``value`` suffix (``layers/0/attn/q_proj/w``).
@@ -151,7 +163,7 @@ def quantize(
   return model_q, alphas
 
 
-def dequantize(model_q: Any) -> Any:
+def dequantize(model_q: Module) -> Module:
   """A float model of the original classes from a quantized one (or any model).
 
   Returns:
@@ -166,14 +178,14 @@ def dequantize(model_q: Any) -> Any:
   return model
 
 
-def params(model: Any) -> dict[str, Any]:
+def params(model: Module) -> dict[str, PyTree]:
   """The model's parameters as a nested dict (``QArray`` where quantized), the tree
   :func:`pqjax.save` writes and :func:`load_params` puts back."""
   nnx = _nnx()
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def load_params(model_q: Any, tree: Any) -> None:
+def load_params(model_q: Module, tree: PyTree) -> None:
   """Puts a parameter tree (from :func:`params`, saved and loaded) into ``model_q``."""
   nnx = _nnx()
   state = nnx.state(model_q, nnx.Param)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -13,6 +13,8 @@ from pqjax._src.core.blocks import Granularity, check_granularity
 from pqjax._src.core.grid import MAX_BITS, MIN_BITS, Grid, check_bits, check_grid
 from pqjax._src.core.leaves import Filter
 from pqjax._src.search.config import SearchConfig
+
+T = TypeVar('T')
 
 # "layer": searched per leaf; "global": one for the whole tree.
 ExponentMode = Literal['layer', 'global']
@@ -145,7 +147,7 @@ def check_layer_axes(layer_axes: object) -> LayerAxes:
   return count
 
 
-def ask(what: str, fn: Callable[[str, Any], Any], path: str, leaf: Any) -> Any:
+def ask(what: str, fn: Callable[[str, Any], T], path: str, leaf: Any) -> T:
   """``fn(path, leaf)`` for a per-leaf option (``what``: "the filter"...); what it
   raises, as a ValueError naming the leaf."""
   try:
@@ -278,7 +280,7 @@ class QuantizeOptions:
   exponent: ExponentMode | float = 'layer'
   grid: Grid = 'full'
   clip: Clip = True
-  scale_dtype: Any = 'auto'
+  scale_dtype: ScaleDtype = 'auto'
   filter: Filter | None = None
   search_config: SearchConfig = dataclasses.field(default_factory=SearchConfig)
   progress: bool | None = None

@@ -9,17 +9,19 @@ select -> group -> statistics -> search -> encode -> assemble:
    (then exactly, for small layers);
 5. one more pass per group encodes and packs the codes;
 6. the codes, scales, exponents and tables are assembled into :class:`QArray` leaves.
+
+Under a bit budget each leaf's width is chosen after the statistics, before the
+search (:mod:`pqjax._src.widths`). The stages' types are in
+:mod:`pqjax._src.stages`, how scales are stored in :mod:`pqjax._src.scale_storage`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import warnings
 from collections.abc import Sequence
-from fractions import Fraction
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +29,18 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pqjax._src import budget, encoding, sharding
+from pqjax._src import encoding, sharding
 from pqjax._src.core import grid, qarray
 from pqjax._src.core.blocks import Blocks, Granularity, blocks_for
 from pqjax._src.core.grid import Grid
-from pqjax._src.core.leaves import Filter, default_filter, is_float_array, path_str
+from pqjax._src.core.leaves import (
+  Filter,
+  KeyPath,
+  PyTree,
+  default_filter,
+  is_float_array,
+  path_str,
+)
 from pqjax._src.core.qarray import QArray
 from pqjax._src.options import (
   Clip,
@@ -40,122 +49,35 @@ from pqjax._src.options import (
   LayerAxes,
   OutputAxis,
   QuantizeOptions,
+  ScaleDtype,
   ask,
   leaf_layer_axes,
   leaf_output_axis,
 )
+from pqjax._src.scale_storage import FLOAT16, FLOAT32, UINT8, scale_storage
 from pqjax._src.search import fit, stats
 from pqjax._src.search.config import Plan, SearchConfig
+from pqjax._src.stages import (
+  Encoded,
+  Group,
+  GroupStats,
+  Leaf,
+  LeafValue,
+  binary_exponents,
+  plan_of,
+  starting_point,
+)
+from pqjax._src.widths import choose_widths
+
+if TYPE_CHECKING:
+  from tqdm import tqdm
 
 PROGRESS_MIN_WEIGHTS = 50_000_000
-
-# Float16 keeps 11 significant bits, plenty for a scale, over its normal range.
-FP16_TINY = float(np.finfo(np.float16).tiny)
-FP16_MAX = float(np.finfo(np.float16).max)
-
-
-class Leaf(NamedTuple):
-  """A selected leaf: its position among the flattened leaves, its path and value.
-
-  Its first ``layer_axes`` axes index stacked layers, each quantized on its own.
-  ``value`` has the output features last; ``transposed`` says the tree holds it
-  with its last two axes swapped (PyTorch's ``(out, in)``).
-  """
-
-  position: int
-  path: str
-  value: Any
-  layer_axes: int = 0
-  transposed: bool = False
-  # Where a leaf replicated on several devices is put back (its value is one copy).
-  replicated: NamedSharding | None = None
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    """The leaf's shape in the tree."""
-    shape = tuple(self.value.shape)
-    return (*shape[:-2], shape[-1], shape[-2]) if self.transposed else shape
-
-  @property
-  def layers(self) -> tuple[int, ...]:
-    """The stacked-layer axes, ``()`` for a single matrix."""
-    return tuple(self.value.shape[: self.layer_axes])
-
-  @property
-  def layer_count(self) -> int:
-    """How many ``(K, N)`` layers the leaf holds."""
-    return math.prod(self.layers)
-
-  @property
-  def layer_shape(self) -> tuple[int, ...]:
-    """The shape of one layer."""
-    return tuple(self.value.shape[self.layer_axes :])
-
-
-@dataclasses.dataclass(frozen=True)
-class Group:
-  """Leaves quantized together: the same scale blocks, sharding and width."""
-
-  blocks: Blocks
-  layout: sharding.Layout | None
-  leaves: tuple[Leaf, ...]
-  # The code width; 0 until a bit budget has chosen it.
-  bits: int = 0
-
-  @property
-  def values(self) -> tuple[Any, ...]:
-    return tuple(leaf.value for leaf in self.leaves)
-
-  @property
-  def layer_count(self) -> int:
-    """Layers in the group: a stacked leaf counts each of its layers."""
-    return sum(leaf.layer_count for leaf in self.leaves)
-
-  @property
-  def layers(self) -> tuple[tuple[int, ...], ...]:
-    """Each leaf's stacked-layer axes, in order."""
-    return tuple(leaf.layers for leaf in self.leaves)
-
-  @property
-  def weights(self) -> int:
-    return self.blocks.k * self.blocks.n * self.layer_count
-
-  def owner(self, layer: int) -> tuple[Leaf, tuple[int, ...]]:
-    """The leaf holding the group's ``layer``-th layer, and its index in the leaf."""
-    for leaf in self.leaves:
-      if layer < leaf.layer_count:
-        return leaf, tuple(int(i) for i in np.unravel_index(layer, leaf.layers))
-      layer -= leaf.layer_count
-    raise IndexError(layer)
-
-
-class GroupStats(NamedTuple):
-  """One pass over a group: finiteness ``(L,)``, absmax ``(L, nk, 1, ncol)``, stats.
-
-  ``L`` counts layers: every layer of a stacked leaf, in order.
-  """
-
-  finite: jax.Array
-  absmax: jax.Array
-  stats: jax.Array
-
-
-class Encoded(NamedTuple):
-  """A group's packed codes and scales per leaf, and how its scales are stored.
-
-  Each leaf's arrays have its stacked-layer axes first: ``scales`` the float32
-  values, ``steps`` and ``columns`` the uint8 form (:class:`encoding.Encoding`).
-  ``storage`` is per layer, the same for every layer of a leaf.
-  """
-
-  arrays: encoding.Encoding
-  storage: np.ndarray
-
 
 # --- 1. select ----------------------------------------------------------------------
 
 
-def _check_concrete(name: str, leaf: Any) -> None:
+def _check_concrete(name: str, leaf: object) -> None:
   """TypeError unless ``leaf`` holds values: quantize reads them on the host."""
   if isinstance(leaf, jax.ShapeDtypeStruct):
     raise TypeError(
@@ -170,7 +92,7 @@ def _check_concrete(name: str, leaf: Any) -> None:
     )
 
 
-def _selected(filter_fn: Filter | None, name: str, leaf: Any) -> bool:
+def _selected(filter_fn: Filter | None, name: str, leaf: object) -> bool:
   """Whether ``leaf`` is picked: by the filter, checked, or by the default.
 
   A :class:`QArray` is picked unless a filter leaves it out, so that quantizing a
@@ -187,7 +109,7 @@ def _selected(filter_fn: Filter | None, name: str, leaf: Any) -> bool:
   return bool(got)
 
 
-def select(flat: Sequence[tuple[Any, Any]], options: QuantizeOptions) -> list[Leaf]:
+def select(flat: Sequence[tuple[KeyPath, Any]], options: QuantizeOptions) -> list[Leaf]:
   """The leaves to quantize, in tree order, with their layer axes.
 
   TypeError for a non-float forced in or a filter answering other than a bool;
@@ -225,7 +147,7 @@ def select(flat: Sequence[tuple[Any, Any]], options: QuantizeOptions) -> list[Le
   return chosen
 
 
-def _replicated(leaf: Any) -> NamedSharding | None:
+def _replicated(leaf: object) -> NamedSharding | None:
   """A replicated sharding for a leaf held whole by each of several devices."""
   s = getattr(leaf, 'sharding', None)
   if isinstance(s, NamedSharding) and s.is_fully_replicated and s.num_devices > 1:
@@ -259,7 +181,7 @@ def group(leaves: Sequence[Leaf], options: QuantizeOptions) -> list[Group]:
 
 
 def statistics(
-  groups: Sequence[Group], config: SearchConfig, bar: Any
+  groups: Sequence[Group], config: SearchConfig, bar: tqdm | None
 ) -> list[GroupStats]:
   """Block scales and binned statistics of every group; ValueError on NaN or Inf."""
   out = []
@@ -286,239 +208,7 @@ def check_finite(groups: Sequence[Group], group_stats: Sequence[GroupStats]) -> 
       raise ValueError(f'{leaf.path}: leaf of shape {leaf.shape} holds NaN or Inf{where}')
 
 
-def binary_exponents(group_stats: Sequence[GroupStats]) -> jax.Array:
-  """Each layer's scale exponent ``(L,)``, groups in order (see ``stats.normalise``)."""
-  return jnp.asarray(
-    np.concatenate(
-      [
-        stats.layer_binary_exponent(np.asarray(sharding.to_host(s.absmax)), np)
-        for s in group_stats
-      ]
-    )
-  )
-
-
-# --- 3b. widths, under a bit budget -------------------------------------------------
-
-
-class Widths(NamedTuple):
-  """A bit budget's choice: the groups split by width, their stats and scale dtypes,
-  and where the estimate found each layer's least error at its width ``(L,)``."""
-
-  groups: list[Group]
-  stats: list[GroupStats]
-  storage: list[np.ndarray]
-  alphas: jax.Array
-  clips: jax.Array
-
-
-def _budget_storage(g: Group, s: GroupStats, options: QuantizeOptions) -> np.ndarray:
-  """How ``g`` stores its scales whatever clip ratio the search finds (costs need it)."""
-  if options.clip_mode == 'fixed':
-    ratio = np.full((g.layer_count,), options.clip_ratio)
-    return scale_storage(g, s, ratio, ratio, options)
-  low = np.full((g.layer_count,), options.search_config.clip_lo)
-  return scale_storage(g, s, low, np.ones((g.layer_count,)), options)
-
-
-def _importance(leaf: Leaf, options: QuantizeOptions) -> float:
-  """The leaf's importance: the option's, checked, or the default."""
-  if options.importance is None:
-    return budget.default_importance(leaf.path, leaf.value, leaf.layer_count)
-  # The leaf as the tree holds it, as the other per-leaf functions see it.
-  value = leaf.value.swapaxes(-1, -2) if leaf.transposed else leaf.value
-  got = ask('the importance function', options.importance, leaf.path, value)
-  try:
-    value = float(got)
-  except (TypeError, ValueError):
-    value = math.nan
-  if not (math.isfinite(value) and value >= 0):
-    raise ValueError(f'{leaf.path}: importance must be a finite number >= 0, got {got!r}')
-  return value
-
-
-def _feasible(g: Group, leaf: Leaf, widths: Sequence[int], block: bool) -> list[bool]:
-  """Which widths a sharded leaf's layout can hold; ValueError if none."""
-  if g.layout is None:
-    return [True] * len(widths)
-  ok, errors = [], []
-  for b in widths:
-    try:
-      sharding.check(leaf.path, g.layout, g.blocks, b, block)
-      ok.append(True)
-    except ValueError as e:
-      ok.append(False)
-      errors.append(e)
-  if not any(ok):
-    raise errors[0]
-  return ok
-
-
-class WidthTable(NamedTuple):
-  """What a bit budget chooses from: per selected leaf (in group order), the bytes
-  and the estimated damage at each candidate width, and the byte budget."""
-
-  leaves: list[Leaf]
-  costs: list[np.ndarray]
-  damages: list[np.ndarray]
-  limit: int
-  storage: list[np.ndarray]
-  # The estimate's exponents and clip ratios at each width, ``(widths, L)``.
-  points: tuple[jax.Array, jax.Array]
-
-
-def width_table(
-  groups: Sequence[Group], group_stats: Sequence[GroupStats], options: QuantizeOptions
-) -> WidthTable:
-  """Each leaf's cost and damage at each width; ValueError for a budget out of reach.
-
-  Costs are the bytes :class:`QArray` stores (``inf`` where a sharded leaf's layout
-  cannot hold the width); a leaf's damage is its importance times the sum of its
-  layers' estimated relative errors.
-  """
-  widths = options.widths
-  storage = [_budget_storage(g, s, options) for g, s in zip(groups, group_stats)]
-  block = options.clip_mode == 'block'
-  leaves, costs = [], []
-  for g, kinds in zip(groups, storage):
-    starts = np.cumsum([0] + [leaf.layer_count for leaf in g.leaves])
-    for leaf, first in zip(g.leaves, starts):
-      scale_dtype = qarray.SCALE_DTYPES[kinds[first] if leaf.layer_count else 0]
-      cost = [
-        qarray.stored_nbytes(
-          tuple(leaf.value.shape),
-          leaf.layer_axes,
-          b,
-          grid.num_levels(b, options.grid),
-          g.blocks.nk,
-          g.blocks.ncol,
-          scale_dtype,
-        )
-        if fits
-        else math.inf
-        for b, fits in zip(widths, _feasible(g, leaf, widths, block))
-      ]
-      leaves.append(leaf)
-      costs.append(np.array(cost, np.float64))
-  limit = _limit(costs, leaves, options)
-  binned = jnp.concatenate([sharding.to_host(s.stats) for s in group_stats])
-  errors, *points = fit.width_errors(
-    binned,
-    *starting_point(binned.shape[0], options),
-    binary_exponents(group_stats),
-    widths=widths,
-    grid=options.grid,
-    plan=plan_of(options),
-    config=options.search_config,
-  )
-  norms = stats.layer_norms(np.asarray(binned))
-  errors = np.asarray(errors, np.float64)
-  relative = np.where(norms > 0, errors / np.where(norms > 0, norms, 1.0), 0.0)
-  ends = np.cumsum([leaf.layer_count for leaf in leaves])
-  damages = [
-    _importance(leaf, options) * relative[:, end - leaf.layer_count : end].sum(axis=1)
-    for leaf, end in zip(leaves, ends)
-  ]
-  return WidthTable(leaves, costs, damages, limit, storage, (points[0], points[1]))
-
-
-def choose_widths(
-  groups: Sequence[Group], group_stats: Sequence[GroupStats], options: QuantizeOptions
-) -> Widths:
-  """Each leaf's width under the budget, and the groups split by width.
-
-  ValueError where the budget is outside what the range of widths can store.
-  """
-  if not groups:
-    none = jnp.zeros((0,), jnp.float32)
-    return Widths([], [], [], none, none)
-  table = width_table(groups, group_stats, options)
-  chosen = budget.allocate(table.costs, table.damages, table.limit)
-  bits_of = {id(leaf): options.widths[c] for leaf, c in zip(table.leaves, chosen)}
-  # Each layer's estimate at its leaf's width, in the layers' order.
-  per_layer = np.repeat(chosen, [leaf.layer_count for leaf in table.leaves])
-  return _split(groups, group_stats, table.storage, bits_of, table.points, per_layer)
-
-
-def _limit(costs: list[np.ndarray], leaves: list[Leaf], options: QuantizeOptions) -> int:
-  """The budget in bytes; ValueError if the widths cannot store it."""
-  weights = sum(math.prod(leaf.value.shape) for leaf in leaves)
-  bpw = options.bits_per_weight
-  assert bpw is not None
-  if not costs:
-    return 0
-  lo, hi = budget.reachable(costs)
-  if not weights:
-    return hi
-  limit = budget.budget_bytes(bpw, weights)
-  if limit < lo or Fraction(bpw) * weights > 8 * hi:
-    low, high = options.widths[0], options.widths[-1]
-    raise ValueError(
-      f'bits_per_weight={bpw} is out of reach: widths {low}..{high} store'
-      f' {math.ceil(8e4 * lo / weights) / 1e4:.4f} to'
-      f' {math.floor(8e4 * hi / weights) / 1e4:.4f} bits per weight for these'
-      f' {weights:,} weights (codes, scales, exponents and tables)'
-    )
-  return limit
-
-
-def _split(
-  groups: Sequence[Group],
-  group_stats: Sequence[GroupStats],
-  storage: Sequence[np.ndarray],
-  bits_of: dict[int, int],
-  points: tuple[jax.Array, jax.Array],
-  chosen: np.ndarray,
-) -> Widths:
-  """Each group cut into one group per width, widths ascending, with its layers.
-
-  ``points`` are the estimate's exponents and clip ratios ``(widths, L)``, and
-  ``chosen`` each layer's width index.
-  """
-  out: list[list[Any]] = [[], [], []]
-  order = []
-  first = 0
-  for g, s, kinds in zip(groups, group_stats, storage):
-    # The small arrays are cut on the host: a gather on the device for each piece
-    # costs more to dispatch than these copies.
-    host: list[Any] = [np.asarray(sharding.to_host(x)) for x in s]
-    starts = np.cumsum([0] + [leaf.layer_count for leaf in g.leaves])
-    for b in sorted({bits_of[id(leaf)] for leaf in g.leaves}):
-      mine = [i for i, leaf in enumerate(g.leaves) if bits_of[id(leaf)] == b]
-      index = np.concatenate(
-        [np.arange(starts[i], starts[i + 1]) for i in mine] + [np.zeros(0, int)]
-      ).astype(np.int32)
-      out[0].append(
-        dataclasses.replace(g, leaves=tuple(g.leaves[i] for i in mine), bits=b)
-      )
-      whole = index.size == g.layer_count
-      out[1].append(s if whole else GroupStats(*(x[index] for x in host)))
-      out[2].append(kinds[index])
-      order.append(first + index)
-    first += g.layer_count
-  layers = np.concatenate(order + [np.zeros(0, np.int32)])
-  alphas, clips = (np.asarray(x)[chosen[layers], layers] for x in points)
-  return Widths(out[0], out[1], out[2], jnp.asarray(alphas), jnp.asarray(clips))
-
-
 # --- 4. search ----------------------------------------------------------------------
-
-
-def plan_of(options: QuantizeOptions) -> Plan:
-  return Plan(
-    search_alpha=options.exponent in ('layer', 'global'),
-    search_clip=options.clip_mode != 'fixed',
-    shared=options.exponent == 'global',
-  )
-
-
-def starting_point(n: int, options: QuantizeOptions) -> tuple[jax.Array, jax.Array]:
-  """Exponents and clip ratios ``(n,)`` before the search: the fixed ones, or 1."""
-  fixed = options.exponent if isinstance(options.exponent, float) else 1.0
-  return (
-    jnp.full((n,), fixed, jnp.float32),
-    jnp.full((n,), options.clip_ratio, jnp.float32),
-  )
 
 
 def search(
@@ -576,7 +266,31 @@ def _search_widths(
   options: QuantizeOptions,
   warm: bool,
 ) -> tuple[jax.Array, jax.Array]:
-  """The search of layers at several widths (a bit budget): one program for all."""
+  """The search of layers at several widths (a bit budget).
+
+  From the estimate's points (``warm``), each width's layers are searched by
+  programs of that width alone, compiled for every width of the budget's range the
+  first time: another budget on the same tree compiles no search. A shared exponent
+  minimises the error of all widths at once, in one program.
+  """
+  config = options.search_config
+  if warm:
+    fit.compile_all(
+      fit.compilations(
+        options.widths, config.bins, grid=options.grid, plan=plan, config=config
+      )
+    )
+    bits = np.repeat([g.bits for g in groups], [g.layer_count for g in groups])
+    a, c = fit.search_each_width(
+      np.concatenate([np.asarray(s, np.float32) for s in binned]),
+      np.asarray(alphas, np.float32),
+      np.asarray(clips, np.float32),
+      bits,
+      grid=options.grid,
+      plan=plan,
+      config=config,
+    )
+    return jax.device_put(a), jax.device_put(c)
   offsets = np.cumsum([0] + [g.layer_count for g in groups])
   index = [
     np.concatenate(
@@ -595,7 +309,7 @@ def _search_widths(
     widths=tuple(widths),
     grid=options.grid,
     plan=plan,
-    config=options.search_config,
+    config=config,
     warm=warm,
   )
   return alphas.at[order].set(a), clips.at[order].set(c)
@@ -618,90 +332,69 @@ def _refine(
     small = [i for i, s in enumerate(sizes) if fit.needs_refine(s, config)]
   if not small:
     return alphas, clips
-  widths = tuple(groups[i].bits for i in small)
-  # A small sharded layer is gathered, on one device.
-  values = [
-    sharding.to_host(groups[i].values)
-    if groups[i].layout is not None
-    else groups[i].values
-    for i in small
-  ]
   offsets = np.cumsum([0] + [g.layer_count for g in groups])
   index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in small])
+  merged = _refined_groups([groups[i] for i in small])
+  host = np.array(alphas, np.float32), np.array(clips, np.float32)
   a, c = fit.refine_layers(
-    tuple(values),
-    alphas[index],
-    clips[index],
-    views=tuple(dataclasses.astuple(groups[i].blocks) for i in small),
-    bits=widths[0] if len(set(widths)) == 1 else widths,
+    tuple(r.values for r in merged),
+    jax.device_put(host[0][index]),
+    jax.device_put(host[1][index]),
+    jax.device_put(
+      fit.layer_steps(np.concatenate([r.bits for r in merged]), options.grid)
+    ),
+    jax.device_put(np.concatenate([r.order for r in merged])),
+    views=tuple(r.view for r in merged),
     grid=options.grid,
     plan=plan,
     config=config,
   )
-  return alphas.at[index].set(a), clips.at[index].set(c)
+  host[0][index], host[1][index] = np.asarray(a), np.asarray(c)
+  return jax.device_put(host[0]), jax.device_put(host[1])
+
+
+class _Refined(NamedTuple):
+  """Refined leaves of one block shape and sharding, in tree order: their values,
+  the view ``(K, N, nk, ncol)``, and each layer's width and place ``(L,)`` among
+  the layers the refinement is given."""
+
+  values: tuple[LeafValue, ...]
+  view: tuple[int, int, int, int]
+  bits: np.ndarray
+  order: np.ndarray
+
+
+def _refined_groups(groups: Sequence[Group]) -> list[_Refined]:
+  """The layers of ``groups`` as the tree groups them, whatever their widths.
+
+  A bit budget splits a group by width; joined again, the refinement's program is
+  the same for every budget on the tree.
+  """
+  joined: dict[tuple[Blocks, sharding.Layout | None], list[tuple[Leaf, int, int]]] = {}
+  first = 0  # the leaf's first layer among the groups' layers
+  for g in groups:
+    for leaf in g.leaves:
+      joined.setdefault((g.blocks, g.layout), []).append((leaf, g.bits, first))
+      first += leaf.layer_count
+  out = []
+  for (blocks, layout), members in sorted(
+    joined.items(), key=lambda kv: min(leaf.position for leaf, _, _ in kv[1])
+  ):
+    members.sort(key=lambda m: m[0].position)
+    values = tuple(leaf.value for leaf, _, _ in members)
+    # A small sharded layer is gathered, on one device.
+    if layout is not None:
+      values = sharding.to_host(values)
+    counts = [leaf.layer_count for leaf, _, _ in members]
+    bits = np.repeat([b for _, b, _ in members], counts)
+    order = np.concatenate(
+      [np.arange(f, f + count) for (_, _, f), count in zip(members, counts)]
+    ).astype(np.int32)
+    out.append(_Refined(values, dataclasses.astuple(blocks), bits, order))
+  return out
 
 
 # --- 5. encode ----------------------------------------------------------------------
-
-
-# Groups of this many blocks a column or more store uint8 scales by default: with
-# the float32 column scale, ``nk + 4`` bytes a column instead of ``2 nk`` as float16,
-# and the same error (benchmarks/scales.py).
-CODED_MIN_BLOCKS = 5
-FLOAT32, FLOAT16, UINT8 = (
-  qarray.SCALE_DTYPES.index(np.dtype(t)) for t in (np.float32, np.float16, np.uint8)
-)
-
-
-def _fits(absmax: np.ndarray, lo: float, hi: float, kind: int) -> bool:
-  """Whether a layer's scales, ``absmax`` times a ratio in ``[lo, hi]``, are stored
-  as ``kind`` without leaving its normal range: float16's is narrow, the others
-  have float32's."""
-  nonzero = absmax[absmax > 0]
-  if not nonzero.size or kind != FLOAT16:
-    return True
-  return nonzero.min() * lo >= FP16_TINY and nonzero.max() * hi <= FP16_MAX
-
-
-def scale_storage(
-  g: Group,
-  s: GroupStats,
-  lo: np.ndarray | jax.Array,
-  hi: np.ndarray | jax.Array,
-  options: QuantizeOptions,
-) -> np.ndarray:
-  """How each layer of ``g`` stores its scales ``(L,)``, an index of SCALE_DTYPES.
-
-  ``lo`` and ``hi`` bound each layer's clip ratio ``(L,)``. ``"auto"`` takes uint8
-  for groups of ``CODED_MIN_BLOCKS`` or more, float16 for other groups and
-  float32 for the rest, each only where every layer of a leaf fits, the next
-  otherwise. ValueError where a storage asked for does not fit.
-  """
-  asked = options.stored_scale_dtype
-  if asked is not None:
-    order = [qarray.SCALE_DTYPES.index(asked)]
-  elif isinstance(options.granularity, str):
-    order = [FLOAT32]
-  else:
-    order = [UINT8, FLOAT16] if g.blocks.nk >= CODED_MIN_BLOCKS else [FLOAT16]
-  low = options.search_config.clip_lo if options.clip_mode == 'block' else 1.0
-  host = np.asarray(sharding.to_host(s.absmax)).reshape(g.layer_count, -1)
-  lo, hi = np.asarray(lo, np.float32) * low, np.asarray(hi, np.float32)
-  out = np.full(g.layer_count, FLOAT32, np.int8)
-  starts = np.cumsum([0] + [leaf.layer_count for leaf in g.leaves])
-  for leaf, first, last in zip(g.leaves, starts[:-1], starts[1:]):
-    for kind in order:
-      fits = [_fits(host[i], lo[i], hi[i], kind) for i in range(first, last)]
-      if all(fits):
-        out[first:last] = kind
-        break
-      if asked is not None:
-        name = qarray.SCALE_DTYPES[kind].name
-        raise ValueError(
-          f'{leaf.path}: block scales fall outside the {name} range; use'
-          ' scale_dtype=float32'
-        )
-  return out
 
 
 def encode(
@@ -710,7 +403,7 @@ def encode(
   alphas: jax.Array,
   clips: jax.Array,
   options: QuantizeOptions,
-  bar: Any,
+  bar: tqdm | None,
   storage: Sequence[np.ndarray] | None = None,
 ) -> list[Encoded]:
   """Each group's packed codes and stored scales.
@@ -718,32 +411,84 @@ def encode(
   ``storage`` is each group's scale storage where chosen already (a bit budget
   counts them before the search).
   """
+  if options.bits_per_weight is not None:
+    _compile_encodings(groups, options)
   out = []
   offset = 0
+  # Cut on the host: a slice on the device compiles a program for each place.
+  host_alphas, host_clips = np.asarray(alphas), np.asarray(clips)
   for i, (g, s) in enumerate(zip(groups, group_stats)):
     n = g.layer_count
-    a, c = alphas[offset : offset + n], clips[offset : offset + n]
+    a, c = host_alphas[offset : offset + n], host_clips[offset : offset + n]
     offset += n
     kinds = scale_storage(g, s, c, c, options) if storage is None else storage[i]
-    kwargs = dict(
-      k=g.blocks.k,
-      n=g.blocks.n,
-      nk=g.blocks.nk,
-      layers=g.layers,
-      bits=g.bits,
-      grid=options.grid,
-      block_clip=options.clip_mode == 'block',
-      config=options.search_config,
-    )
+    block_clip = options.clip_mode == 'block'
     if g.layout is None:
-      e = encoding.encode_layers(g.values, a, c, s.absmax, jnp.asarray(kinds), **kwargs)
+      e = encoding.encode_layers(
+        g.values,
+        a,
+        c,
+        s.absmax,
+        kinds,
+        k=g.blocks.k,
+        n=g.blocks.n,
+        nk=g.blocks.nk,
+        layers=g.layers,
+        bits=g.bits,
+        grid=options.grid,
+        block_clip=block_clip,
+        config=options.search_config,
+      )
     else:
       e = sharding.encode_layers(
-        g.values, a, c, s.absmax, jnp.asarray(kinds), layout=g.layout, **kwargs
+        g.values,
+        *jax.device_put((a, c)),
+        s.absmax,
+        jax.device_put(kinds),
+        layout=g.layout,
+        k=g.blocks.k,
+        n=g.blocks.n,
+        nk=g.blocks.nk,
+        layers=g.layers,
+        bits=g.bits,
+        grid=options.grid,
+        block_clip=block_clip,
+        config=options.search_config,
       )
     _advance(bar, e.codes, g.weights)
     out.append(Encoded(e, kinds))
   return out
+
+
+def _compile_encodings(groups: Sequence[Group], options: QuantizeOptions) -> None:
+  """Compiles each leaf's encoding at every width of a bit budget's range.
+
+  Another budget on the tree then compiles nothing: the programs depend on a leaf's
+  shape and width only. Sharded leaves are left to compile as they come.
+  """
+  jobs = []
+  seen = set()
+  for g in groups:
+    if g.layout is not None:
+      continue
+    for leaf in g.leaves:
+      key = (g.blocks, leaf.layers, leaf.value.shape, np.dtype(leaf.value.dtype))
+      if key in seen:
+        continue
+      seen.add(key)
+      jobs += encoding.compilations(
+        leaf.value,
+        k=g.blocks.k,
+        n=g.blocks.n,
+        nk=g.blocks.nk,
+        ncol=g.blocks.ncol,
+        layers=leaf.layers,
+        widths=options.widths,
+        grid=options.grid,
+        block_clip=options.clip_mode == 'block',
+        config=options.search_config,
+      )
+  fit.compile_all(jobs)
 
 
 def flushed(
@@ -774,11 +519,11 @@ def flushed(
 def leaf_qarray(
   leaf: Leaf,
   bits: int,
-  arrays: tuple[Any, Any, Any, Any],
+  arrays: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
   kind: int,
   alpha: np.ndarray,
   options: QuantizeOptions,
-  where: Any = None,
+  where: NamedSharding | None = None,
 ) -> QArray:
   """The :class:`QArray` of one encoded leaf.
 
@@ -812,13 +557,13 @@ def leaf_qarray(
 
 
 def assemble(
-  flat: Sequence[tuple[Any, Any]],
-  treedef: Any,
+  flat: Sequence[tuple[KeyPath, Any]],
+  treedef: jax.tree_util.PyTreeDef,
   groups: Sequence[Group],
   encoded: Sequence[Encoded],
   alphas: jax.Array,
   options: QuantizeOptions,
-) -> tuple[Any, Any]:
+) -> tuple[PyTree, PyTree]:
   """``(params_q, alphas)`` trees: each selected leaf replaced by its QArray."""
   # Exponents and tables of sharded leaves are replicated on their mesh.
   placement = sharding.common_sharding([g.layout for g in groups])
@@ -854,7 +599,7 @@ def assemble(
 # --- progress -----------------------------------------------------------------------
 
 
-def _progress_bar(total: int, progress: bool | None) -> Any:
+def _progress_bar(total: int, progress: bool | None) -> tqdm | None:
   if progress is None:
     progress = total >= 2 * PROGRESS_MIN_WEIGHTS and sys.stderr.isatty()
   if not progress:
@@ -864,7 +609,7 @@ def _progress_bar(total: int, progress: bool | None) -> Any:
   return tqdm(total=total, desc='pqjax.quantize', unit='w', unit_scale=True, leave=False)
 
 
-def _advance(bar: Any, result: Any, weights: int) -> None:
+def _advance(bar: tqdm | None, result: PyTree, weights: int) -> None:
   # Dispatch is asynchronous: wait for the group so the bar shows work done.
   if bar is not None:
     jax.block_until_ready(result)
@@ -875,7 +620,7 @@ def _advance(bar: Any, result: Any, weights: int) -> None:
 
 
 def quantize(
-  params: Any,
+  params: PyTree,
   bits: int | tuple[int, int] | None = None,
   *,
   bits_per_weight: float | None = None,
@@ -884,24 +629,34 @@ def quantize(
   exponent: ExponentMode | float = 'layer',
   grid: Grid = 'full',
   clip: Clip = True,
-  scale_dtype: Any = 'auto',
+  scale_dtype: ScaleDtype = 'auto',
   filter: Filter | None = None,
   search_config: SearchConfig | None = None,
   progress: bool | None = None,
   layer_axes: LayerAxes = 0,
   output_axis: OutputAxis = -1,
-) -> tuple[Any, Any]:
+) -> tuple[PyTree, PyTree]:
   """Quantizes the selected leaves of ``params`` with the power map.
 
   Args:
     params: any pytree of arrays (Flax variables, ``nnx.State``, plain dicts...).
     bits: code width, 2 to 8 (default 4); with ``bits_per_weight``, the range of
       widths.
-    bits_per_weight, importance, granularity, exponent, grid, clip, scale_dtype,
-      filter, search_config, progress, layer_axes, output_axis: how to quantize,
-      each documented once, as the attribute of :class:`QuantizeOptions` of that
-      name (a ``QuantizeOptions`` is built from them and checks them all before
-      any work is done).
+    bits_per_weight: how to quantize, like every option below: each is documented
+      once, as the attribute of :class:`QuantizeOptions` of that name (a
+      ``QuantizeOptions`` is built from them and checks them all before any work
+      is done).
+    importance: as :class:`QuantizeOptions`.
+    granularity: as :class:`QuantizeOptions`.
+    exponent: as :class:`QuantizeOptions`.
+    grid: as :class:`QuantizeOptions`.
+    clip: as :class:`QuantizeOptions`.
+    scale_dtype: as :class:`QuantizeOptions`.
+    filter: as :class:`QuantizeOptions`.
+    search_config: as :class:`QuantizeOptions`.
+    progress: as :class:`QuantizeOptions`.
+    layer_axes: as :class:`QuantizeOptions`.
+    output_axis: as :class:`QuantizeOptions`.
 
   Returns:
     ``(params_q, alphas)``: ``params`` with each selected leaf replaced by a

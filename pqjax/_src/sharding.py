@@ -309,20 +309,21 @@ def encode_layers(
   ncol = absmax.shape[3]
   # A column's largest scale spans the shards of K.
   split = nk > 1 and bool(layout.kaxes)
-  fn = functools.partial(
-    encoding.encode_block,
-    nk=nk // layout.kx if nk > 1 else 1,
-    bits=bits,
-    grid=grid,
-    block_clip=block_clip,
-    config=config,
-    column_max=lambda x: jax.lax.pmax(x, layout.kaxes) if split else x,
-  )
 
   def local(ws, alpha, clip, absmax, storage):
     shapes = _layers(ws, layout)
     flat = [_joined(x, layout) for x in (alpha, clip, absmax, storage)]
-    out = jax.vmap(fn)(_local(ws, kl, nl), *flat)
+    # The unsharded encoding, on this device's blocks.
+    out = encoding.encode_stack(
+      _local(ws, kl, nl),
+      *flat,
+      nk=nk // layout.kx if nk > 1 else 1,
+      bits=bits,
+      grid=grid,
+      block_clip=block_clip,
+      config=config,
+      column_max=lambda x: jax.lax.pmax(x, layout.kaxes) if split else x,
+    )
     return tuple(tuple(encoding.split_layers(x, shapes)) for x in out)
 
   cut = lambda x: tuple(encoding.split_layers(x, layers))

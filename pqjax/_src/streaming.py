@@ -34,20 +34,24 @@ import numpy as np
 
 from pqjax._src import encoding, quantize
 from pqjax._src.core import operator, packing
-from pqjax._src.core.blocks import block_absmax, block_view
-from pqjax._src.core.grid import num_levels
-from pqjax._src.core.qarray import QArray
+from pqjax._src.core.blocks import Blocks, block_absmax, block_view
+from pqjax._src.core.grid import Grid, num_levels
+from pqjax._src.core.leaves import PyTree
+from pqjax._src.core.qarray import SCALE_DTYPES, QArray
 from pqjax._src.io import atomic, inputs, orbax, sources, treespec
 from pqjax._src.io.writer import Writer
 from pqjax._src.options import QuantizeOptions
+from pqjax._src.scale_storage import FLOAT32, UINT8, scale_storage
 from pqjax._src.search import stats, tiles
+from pqjax._src.stages import Group, GroupStats, Leaf
 from pqjax._src.summary import Summary, summary
+from pqjax._src.widths import choose_widths
 
 WORKING_SET = 256 << 20
 SHARD_BYTES = 2 << 30
 
 
-def _key_path(path: str) -> tuple[Any, ...]:
+def _key_path(path: str) -> tuple[jax.tree_util.DictKey, ...]:
   return tuple(jax.tree_util.DictKey(p) for p in path.split('/'))
 
 
@@ -154,13 +158,11 @@ def _column_stats(
   return jnp.stack(out)
 
 
-def _leaf_stats(
-  reader: _Reader, leaf: quantize.Leaf, blocks: Any, bins: int
-) -> quantize.GroupStats:
+def _leaf_stats(reader: _Reader, leaf: Leaf, blocks: Blocks, bins: int) -> GroupStats:
   """A leaf's finiteness, block absmax and binned statistics, layer by layer."""
   k, n, nk, ncol = blocks.k, blocks.n, blocks.nk, blocks.ncol
   if reader.fits(leaf.value):
-    return quantize.GroupStats(
+    return GroupStats(
       *stats.group_stats(
         (reader.whole(leaf.value),), k=k, n=n, nk=nk, ncol=ncol, bins=bins
       )
@@ -224,17 +226,17 @@ def _leaf_stats(
     finite.append(bool(np.all(np.isfinite(absmax))))
     absmaxes.append(absmax)
     binned.append(total[None])
-  return quantize.GroupStats(
+  return GroupStats(
     jnp.asarray(finite), jnp.asarray(np.concatenate(absmaxes)), jnp.concatenate(binned)
   )
 
 
 def statistics(
-  groups: Sequence[quantize.Group],
+  groups: Sequence[Group],
   reader: _Reader,
   bins: int,
   advance: Callable[[int], None],
-) -> list[quantize.GroupStats]:
+) -> list[GroupStats]:
   """:func:`quantize.statistics`, one leaf at a time; ValueError on NaN or Inf."""
   out = []
   for g in groups:
@@ -246,11 +248,8 @@ def statistics(
       _trim_heap()
       advance(leaf.value.nbytes)
     out.append(
-      quantize.GroupStats(
-        *(
-          jnp.concatenate([getattr(p, f) for p in parts])
-          for f in quantize.GroupStats._fields
-        )
+      GroupStats(
+        *(jnp.concatenate([getattr(p, f) for p in parts]) for f in GroupStats._fields)
       )
     )
   quantize.check_finite(groups, out)
@@ -395,7 +394,9 @@ def _inside(path: Path, folder: Path) -> bool:
 # --- the output's layout ------------------------------------------------------------
 
 
-def _nest(paths: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
+def _nest(
+  paths: Sequence[str], values: Sequence[QArray | jax.ShapeDtypeStruct]
+) -> PyTree:
   root: dict[str, Any] = {}
   for path, value in zip(paths, values):
     *parents, last = path.split('/')
@@ -424,14 +425,14 @@ def _names(spec: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 
 def _placeholder(
-  leaf: quantize.Leaf, bits: int, kind: int, alpha: np.ndarray, blocks: Any, grid: str
+  leaf: Leaf, bits: int, kind: int, alpha: np.ndarray, blocks: Blocks, grid: Grid
 ) -> QArray:
   """The leaf's QArray with shapes for arrays (its exponents for real)."""
   sds = jax.ShapeDtypeStruct
   layers = leaf.layers
   k, n = blocks.k, blocks.n
-  scale_dtype = quantize.qarray.SCALE_DTYPES[kind]
-  uint8 = kind == quantize.UINT8
+  scale_dtype = SCALE_DTYPES[kind]
+  uint8 = kind == UINT8
   fields: dict[str, Any] = {
     'codes': sds((*layers, packing.packed_rows(k, bits), n), packing.packed_dtype(bits)),
     'scale': sds((*layers, blocks.nk, blocks.ncol), scale_dtype),
@@ -516,9 +517,7 @@ def quantize_checkpoint(
       group_stats = statistics(groups, reader, opts.search_config.bins, bar)
       storage = start = None
       if opts.bits_per_weight is not None:
-        groups, group_stats, storage, *points = quantize.choose_widths(
-          groups, group_stats, opts
-        )
+        groups, group_stats, storage, *points = choose_widths(groups, group_stats, opts)
         start = (points[0], points[1])
       alphas, clips = quantize.search(
         _with_small_values(groups, reader, opts), group_stats, opts, start
@@ -607,8 +606,8 @@ def _bar(total: int, progress: bool | None) -> Callable[[int], None]:
 
 
 def _with_small_values(
-  groups: Sequence[quantize.Group], reader: _Reader, options: QuantizeOptions
-) -> list[quantize.Group]:
+  groups: Sequence[Group], reader: _Reader, options: QuantizeOptions
+) -> list[Group]:
   """Groups whose layers the search refines exactly, with their values read."""
   from pqjax._src.search import fit
 
@@ -629,8 +628,8 @@ class _Planned:
   """A leaf's place in the output and what encoding it needs."""
 
   placeholder: QArray
-  leaf: quantize.Leaf
-  group: quantize.Group
+  leaf: Leaf
+  group: Group
   absmax: jax.Array
   alpha: jax.Array
   clip: jax.Array
@@ -639,8 +638,8 @@ class _Planned:
 
 
 def _plan(
-  groups: Sequence[quantize.Group],
-  group_stats: Sequence[quantize.GroupStats],
+  groups: Sequence[Group],
+  group_stats: Sequence[GroupStats],
   alphas: jax.Array,
   clips: jax.Array,
   storage: Sequence[np.ndarray] | None,
@@ -652,11 +651,11 @@ def _plan(
   for i, (g, s) in enumerate(zip(groups, group_stats)):
     n = g.layer_count
     a, c = alphas[offset : offset + n], clips[offset : offset + n]
-    kinds = quantize.scale_storage(g, s, c, c, options) if storage is None else storage[i]
+    kinds = scale_storage(g, s, c, c, options) if storage is None else storage[i]
     first = 0
     for leaf in g.leaves:
       span = slice(first, first + leaf.layer_count)
-      kind = int(kinds[first]) if leaf.layer_count else quantize.FLOAT32
+      kind = int(kinds[first]) if leaf.layer_count else FLOAT32
       alpha = np.asarray(a[span], np.float32).reshape(leaf.layers)
       out[leaf.path] = _Planned(
         _placeholder(leaf, g.bits, kind, alpha, g.blocks, options.grid),
@@ -690,7 +689,7 @@ def _write_leaf(
   streamed = arrays[0] is None
   if streamed:
     arrays = (planned.placeholder.codes, *arrays[1:])
-  kind = int(planned.kinds[0]) if leaf.layer_count else quantize.FLOAT32
+  kind = int(planned.kinds[0]) if leaf.layer_count else FLOAT32
   q = quantize.leaf_qarray(
     leaf, g.bits, arrays, kind, np.asarray(planned.placeholder.alpha), planned.options
   )

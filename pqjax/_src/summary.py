@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from pqjax._src.core.blocks import matrix_shape
-from pqjax._src.core.leaves import is_array, is_float_array, path_str
+from pqjax._src.core.leaves import PyTree, is_array, is_float_array, path_str
 from pqjax._src.core.qarray import LoraArray, QArray, is_lora, is_qarray
 
 
@@ -23,12 +23,12 @@ def leaf_nbytes(x: Any) -> int:
   return 0
 
 
-def nbytes(tree: Any) -> int:
+def nbytes(tree: PyTree) -> int:
   """Bytes held by the arrays of ``tree``, quantized leaves at their packed size."""
   return sum(leaf_nbytes(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_qarray))
 
 
-def relative_error(params: Any, params_q: Any) -> float:
+def relative_error(params: PyTree, params_q: PyTree) -> float:
   """``sum ||W - W_hat||^2 / sum ||W||^2`` over the quantized leaves.
 
   Args:
@@ -54,7 +54,7 @@ def relative_error(params: Any, params_q: Any) -> float:
   return num / den if den else 0.0
 
 
-def _leaf_pairs(params: Any, params_q: Any) -> list[tuple[str, Any, Any]]:
+def _leaf_pairs(params: PyTree, params_q: PyTree) -> list[tuple[str, Any, Any]]:
   """``(path, w, q)`` for each leaf of the two trees, checked to correspond."""
   flat = jax.tree_util.tree_leaves_with_path(params, is_leaf=is_qarray)
   flat_q = jax.tree_util.tree_leaves_with_path(params_q, is_leaf=is_qarray)
@@ -316,7 +316,7 @@ def _leaf_summary(path: str, q: QArray) -> LeafSummary:
   )
 
 
-def summary(tree: Any) -> Summary:
+def summary(tree: PyTree) -> Summary:
   """Summarises a quantized tree: each QArray's storage, and the kept leaves' bytes."""
   leaves, float_leaves, float_bytes, other_leaves, other_bytes = [], 0, 0, 0, 0
   adapters = adapter_bytes = 0

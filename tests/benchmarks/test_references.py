@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'benchmarks'))
-R = importlib.import_module('references')
+_PATH = Path(__file__).resolve().parents[2] / 'benchmarks' / 'references.py'
+_SPEC = importlib.util.spec_from_file_location('benchmark_references', _PATH)
+assert _SPEC is not None and _SPEC.loader is not None
+R = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = R  # dataclasses look their module up
+_SPEC.loader.exec_module(R)
 
 F32 = np.float32
 

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference as ref
 
 import pqjax
 from pqjax._src.core import blocks, grid, operator, packing
+from tests import reference as ref
 
 
 def _pqjax_codes_and_decode(w, a, bits, nk, ncol):

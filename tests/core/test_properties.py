@@ -5,12 +5,12 @@ import inspect
 import ml_dtypes
 import numpy as np
 import pytest
-import reference
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import pqjax
 from pqjax._src.core.blocks import matrix_shape
+from tests import reference
 
 DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
 # Few distinct shapes: each new (shape, bits, options) costs an XLA compilation.

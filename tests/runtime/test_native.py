@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import reference
 
 import pqjax
 from pqjax._src.core.packing import STEP_FRACTIONS
 from pqjax._src.runtime.native import library
 from pqjax._src.runtime.native import product as native
+from tests import reference
 
 STATUS = library.status()
 pytestmark = pytest.mark.skipif(not STATUS.loaded, reason=STATUS.reason)

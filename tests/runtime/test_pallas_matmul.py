@@ -8,6 +8,7 @@ runs in Pallas' interpreter; on a GPU it is compiled with Triton unless
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -16,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference
 
 import pqjax
 from pqjax._src.runtime import pallas_matmul as pm
+from tests import reference
 
 INTERPRET = (
   jax.default_backend() != 'gpu' or os.environ.get('PQJAX_PALLAS_INTERPRET', '0') != '0'
@@ -67,10 +68,11 @@ def run(
   table: np.ndarray,
   bits: int,
   k: int,
-  **options,
+  **config,
 ) -> np.ndarray:
-  if np.dtype(x.dtype) == np.float32:
-    options.setdefault('precision', jax.lax.Precision.HIGHEST)
+  """The kernel's product, ``config`` the fields of its :class:`pm.KernelConfig`;
+  float32 ``x`` multiplies in IEEE float32."""
+  float32 = np.dtype(x.dtype) == np.float32
   out = pm.packed_matmul(
     jnp.asarray(x),
     jnp.asarray(codes),
@@ -78,8 +80,9 @@ def run(
     jnp.asarray(table),
     bits=bits,
     k=k,
+    config=pm.KernelConfig(**config),
+    precision=jax.lax.Precision.HIGHEST if float32 else None,
     interpret=INTERPRET,
-    **options,
   )
   assert out.dtype == x.dtype
   return np.asarray(out.astype(jnp.float32), np.float64)
@@ -94,14 +97,14 @@ def check(
   scales: str,
   dtype: object,
   seed: int = 0,
-  **options,
+  **config,
 ) -> None:
   codes, scale, table = make(bits, grid, k, n, scales, seed)
   x = np.random.default_rng(seed + 1).normal(size=(m, k)).astype(dtype)
   w = decode(codes, scale, table, bits, k)
   xf = np.asarray(x.astype(np.float32), np.float64)
   want, bound = xf @ w, np.abs(xf) @ np.abs(w)
-  got = run(x, codes, scale, table, bits, k, **options)
+  got = run(x, codes, scale, table, bits, k, **config)
   err = np.abs(got - want) / (TOL[np.dtype(dtype)] * bound + 1e-30)
   where = np.unravel_index(err.argmax(), err.shape)
   assert err.max() <= 1, f'error {err.max():.3g} times the bound at {where}'
@@ -261,6 +264,11 @@ def test_choose_tiling() -> None:
   assert pm.choose_tiling(8, 200, 72, 4, nk=4).scale_mode == 'element'
   # Units of 3-bit codes hold 8; a tensor-core tile needs 16 units.
   assert pm.choose_tiling(8, 4096, 64, 3).block_k % (8 * 16) == 0
+  # Values set by hand are kept; the others are the defaults.
+  default = pm.choose_tiling(1, 4096, 4096, 4)
+  config = pm.KernelConfig(block_n=16, split_k=1, num_stages=2, lookup='select')
+  t = pm.choose_tiling(1, 4096, 4096, 4, config=config)
+  assert t == dataclasses.replace(default, block_n=16, split_k=1, num_stages=2)
 
 
 @pytest.mark.parametrize(
@@ -277,9 +285,17 @@ def test_choose_tiling() -> None:
 def test_bad_options(options: dict, match: str) -> None:
   bits = options.pop('bits', 4)
   codes, scale, table = make(bits, 'full', 64, 32, 'channel', 0)
+  config = pm.KernelConfig(**options)
   with pytest.raises(ValueError, match=match):
     pm.packed_matmul(
-      jnp.ones((2, 64)), codes, scale, table, bits=bits, k=64, interpret=True, **options
+      jnp.ones((2, 64)),
+      codes,
+      scale,
+      table,
+      bits=bits,
+      k=64,
+      config=config,
+      interpret=True,
     )
 
 

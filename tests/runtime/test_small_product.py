@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import reference
 
 import pqjax
 from pqjax._src.runtime import small_product as sp
+from tests import reference
 
 K, N = 131, 67  # odd on both sides: partial packing units and partial vector lanes
 

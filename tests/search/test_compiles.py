@@ -1,8 +1,12 @@
 """The number of XLA compilations grows with the number of shapes, not of layers."""
 
 import collections
+import hashlib
 import logging
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,7 +14,7 @@ import numpy as np
 import pqjax
 
 # The programs that make a pass over the weights, compiled per layer shape.
-PASSES = ('group_stats', 'encode_layers')
+PASSES = ('group_stats', 'leaf_codes')
 
 
 class _Compiles(logging.Handler):
@@ -87,3 +91,80 @@ def test_stacked_layers_compile_as_their_shapes():
   # 41 layers a leaf compile like 3: one pass of each kind a shape.
   assert _passes(few) == _passes(many) == 2 * len(shapes), (few, many)
   assert sum(many.values()) - _passes(many) <= 20, many
+
+
+# Every XLA compilation of this process, by program name (compilations in threads
+# included, which the log of a context does not see).
+_COMPILED: list[str] = []
+
+
+def _on_event(event: str, duration_secs: float, **kwargs: str | int) -> None:
+  del duration_secs
+  if event == '/jax/core/compile/backend_compile_duration':
+    _COMPILED.append(str(kwargs.get('fun_name')))
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+_FRESH = r"""
+import hashlib, sys
+import jax, numpy as np
+import pqjax
+tree = dict(np.load(sys.argv[1]))
+q = pqjax.quantize(tree, bits=(2, 5), bits_per_weight=float(sys.argv[2]))
+h = hashlib.sha256(str(jax.tree_util.tree_structure(q)).encode())
+for x in jax.tree_util.tree_leaves(q):
+  h.update(np.asarray(x).tobytes())
+print(h.hexdigest())
+"""
+
+
+def _digest(result) -> str:
+  """``_FRESH``'s hash of a ``(params_q, alphas)`` result: every array and the
+  trees' structure (which holds each QArray's width and shape)."""
+  h = hashlib.sha256(str(jax.tree_util.tree_structure(result)).encode())
+  for x in jax.tree_util.tree_leaves(result):
+    h.update(np.asarray(x).tobytes())
+  return h.hexdigest()
+
+
+def test_another_budget_compiles_nothing_and_matches_a_fresh_process(tmp_path):
+  rng = np.random.default_rng(7)
+  # Shapes no other test uses, small enough for the exact refinement.
+  tree = {
+    'a': rng.standard_normal((71, 29)).astype(np.float32),
+    'b': (rng.standard_t(3, (131, 27)) * 0.02).astype(np.float32),
+    'c': rng.laplace(size=(83, 31)).astype(np.float32),
+  }
+  budgets = (3.0, 3.5, 2.5, 4.25)
+  quantize = lambda bpw: pqjax.quantize(tree, bits=(2, 5), bits_per_weight=bpw)
+  results = {budgets[0]: quantize(budgets[0])}
+  for bpw in budgets[1:]:
+    _COMPILED.clear()
+    results[bpw] = quantize(bpw)
+    # Copying a small decode table of a new shape to the device may compile a copy.
+    assert set(_COMPILED) <= {'jit(stage)'}, (bpw, _COMPILED)
+  widths = {
+    bpw: {p: x.bits for p, x in pqjax.quantized_leaves(r[0]).items()}
+    for bpw, r in results.items()
+  }
+  # Later budgets choose other widths, some of them widths the first did not use.
+  assert all(widths[b] != widths[budgets[0]] for b in budgets[1:]), widths
+  later = {bits for b in budgets[1:] for bits in widths[b].values()}
+  assert later - set(widths[budgets[0]].values()), widths
+  # Each result as a fresh process computes it, bit for bit.
+  np.savez(tmp_path / 'tree.npz', **tree)
+  children = [
+    subprocess.Popen(
+      [sys.executable, '-c', _FRESH, str(tmp_path / 'tree.npz'), str(bpw)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    )
+    for bpw in budgets
+  ]
+  for bpw, child in zip(budgets, children):
+    out, err = child.communicate(timeout=600)
+    assert child.returncode == 0, err[-3000:]
+    assert out.strip().splitlines()[-1] == _digest(results[bpw]), bpw

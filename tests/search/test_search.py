@@ -3,10 +3,10 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference as ref
 
 import pqjax
 from pqjax._src.search import config, optimiser
+from tests import reference as ref
 
 DENSE = np.round(np.arange(0.05, 2.0 + 1e-9, 0.001), 3)
 

@@ -6,12 +6,12 @@ import jax
 import matplotlib.image
 import numpy as np
 import pytest
-import reference
 
 import pqjax
 from pqjax import path_str
 from pqjax._src.core.qarray import is_qarray
 from pqjax.tools import cli, minilm, report
+from tests import reference
 
 PNGS = (
   'error_vs_exponent.png',

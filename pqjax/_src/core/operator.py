@@ -8,8 +8,6 @@ scales have shape ``(nk, 1, ncol)``. See :mod:`grid` for the levels.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -145,13 +143,17 @@ def explicit_mesh(*arrays: jax.Array) -> jax.sharding.AbstractMesh | None:
   return None
 
 
-def spec(x: jax.Array) -> tuple[Any, ...]:
+# One entry of a partition spec: the mesh axes an array axis is split over.
+SpecEntry = str | tuple[str, ...] | None
+
+
+def spec(x: jax.Array) -> tuple[SpecEntry, ...]:
   """The partition spec of ``x``'s type, one entry an axis."""
   spec = tuple(jax.typeof(x).sharding.spec)
   return spec + (None,) * (x.ndim - len(spec))
 
 
-def axis_names(entry: Any) -> tuple[str, ...]:
+def axis_names(entry: SpecEntry) -> tuple[str, ...]:
   """The mesh axes of one partition spec entry: None, a name or a tuple of names."""
   if entry is None:
     return ()

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import numpy as np
+from jax.typing import DTypeLike
 
 from pqjax._src.core import packing
 from pqjax._src.core.blocks import matrix_shape
 from pqjax._src.core.grid import GRIDS, num_levels
-from pqjax._src.core.leaves import is_array, path_str
+from pqjax._src.core.leaves import PyTree, is_array, path_str
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -321,7 +321,7 @@ jax.tree_util.register_dataclass(
 )
 
 
-def check_adapter(base: QArray, a: Any, b: Any) -> None:
+def check_adapter(base: QArray, a: jax.Array, b: jax.Array) -> None:
   """Raises ValueError unless ``a`` and ``b`` are an adapter of ``base``'s shape."""
   k, n = base.matrix_shape
   layers = base.layers
@@ -347,7 +347,7 @@ def adapter_delta(base: QArray, a: jax.Array, b: jax.Array, scale: float) -> jax
   return d.reshape(base.shape)
 
 
-def add_delta(w: jax.Array, delta: jax.Array, dtype: Any) -> jax.Array:
+def add_delta(w: jax.Array, delta: jax.Array, dtype: DTypeLike) -> jax.Array:
   """``w + delta`` summed in the wider of their dtypes, then cast to ``dtype``."""
   wide = jax.numpy.promote_types(w.dtype, delta.dtype)
   return (w.astype(wide) + delta.astype(wide)).astype(dtype)
@@ -362,7 +362,7 @@ def is_stored(x: object) -> bool:
   return isinstance(x, QArray | LoraArray)
 
 
-def dequantize(tree: Any) -> Any:
+def dequantize(tree: PyTree) -> PyTree:
   """Replaces every :class:`QArray` in ``tree`` by its decoded array.
 
   Args:
@@ -379,13 +379,13 @@ def dequantize(tree: Any) -> Any:
   )
 
 
-def contains_qarray(tree: Any) -> bool:
+def contains_qarray(tree: PyTree) -> bool:
   return any(
     isinstance(x, QArray) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_qarray)
   )
 
 
-def quantized_leaves(tree: Any) -> dict[str, QArray]:
+def quantized_leaves(tree: PyTree) -> dict[str, QArray]:
   """The :class:`QArray` leaves of ``tree`` by path (``a/b/kernel``), in tree order."""
   return {
     path_str(p): x

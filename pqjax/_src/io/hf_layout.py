@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pqjax._src.io.sources import FLOAT_DTYPES, Stored, Tensor
 from pqjax._src.io.treespec import CheckpointError
+
+if TYPE_CHECKING:
+  from transformers import PretrainedConfig
 
 
 class _Axes:
@@ -42,8 +45,9 @@ class _Axes:
     return _Axes(self.stored, tuple(self.perm[a] for a in axes))
 
 
-def flax_class(folder: Path) -> Any:
-  """The transformers Flax class of a model folder's ``config.json``, unbuilt."""
+def flax_class(folder: Path) -> tuple[type, PretrainedConfig]:
+  """The transformers Flax class of a model folder's ``config.json``, unbuilt, and
+  its configuration."""
   try:
     import transformers
   except ImportError:

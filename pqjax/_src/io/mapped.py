@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from pqjax._src.core.leaves import PyTree
 from pqjax._src.io import orbax, sources
 from pqjax._src.io.treespec import (
   CheckpointError,
@@ -30,8 +31,8 @@ def _arrays(source: sources.Source) -> dict[str, np.ndarray]:
 
 
 def from_maps(
-  source: sources.Source, meta: dict[str, Any], where: Path, target: Any = None
-) -> Any:
+  source: sources.Source, meta: dict[str, Any], where: Path, target: PyTree = None
+) -> PyTree:
   """The pqjax tree of memory-mapped tensors: checked, then copied tensor by tensor
   onto the device, or where ``target``'s leaves' shardings place them."""
   spec = check_metadata(meta, where)
@@ -49,7 +50,7 @@ def from_maps(
     )
   stored = {id(tensors[t.stored.name]): t.stored for t in source}
 
-  def convert(x: np.ndarray) -> Any:
+  def convert(x: np.ndarray) -> jax.Array | np.ndarray:
     # A host copy first: on CPU a device array may alias its host buffer.
     s = stored.get(id(x))
     place = places.get(s.name) if s is not None else None
@@ -61,7 +62,9 @@ def from_maps(
   return unflatten(spec, tensors, where, convert=convert)
 
 
-def _target_shardings(target: Any, spec: dict[str, Any], where: Path) -> dict[str, Any]:
+def _target_shardings(
+  target: PyTree, spec: dict[str, Any], where: Path
+) -> dict[str, jax.sharding.Sharding]:
   """Each tensor's sharding in ``target``, a tree like the saved one (arrays or
   ``jax.ShapeDtypeStruct`` leaves); CheckpointError where the trees differ."""
   target_spec, leaves = flatten(orbax.reorder(target, spec))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from pqjax._src.core.leaves import PyTree
 from pqjax._src.io.treespec import CheckpointError
 
 
-def read_float(path: Path) -> Any:
+def read_float(path: Path) -> PyTree:
   """The float tree of a flax msgpack file."""
   from flax import serialization
 

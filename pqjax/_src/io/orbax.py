@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from pqjax._src.core.leaves import path_str
+from pqjax._src.core.leaves import KeyPath, PyTree, path_str
 from pqjax._src.io import atomic
 from pqjax._src.io.treespec import (
   FORMAT,
@@ -35,7 +35,7 @@ METADATA_FILE = 'pqjax.json'
 ARRAYS_DIR = 'arrays'
 
 
-def save(directory: PathLike, tree: Any, *, overwrite: bool = False) -> None:
+def save(directory: PathLike, tree: PyTree, *, overwrite: bool = False) -> None:
   """Saves a (quantized) tree as an Orbax checkpoint plus ``pqjax.json``."""
   import orbax.checkpoint as ocp
 
@@ -92,7 +92,7 @@ def _restore_args(target_tensors: dict[str, Any]) -> dict[str, Any]:
   return {k: one(v) for k, v in target_tensors.items()}
 
 
-def reorder(target: Any, spec: Any) -> Any:
+def reorder(target: PyTree, spec: Any) -> PyTree:
   """``target`` with its dicts in the checkpoint's key order (tree_map sorts keys)."""
   if not isinstance(spec, dict):
     return target
@@ -113,9 +113,7 @@ def reorder(target: Any, spec: Any) -> Any:
   return target
 
 
-def spec_difference(
-  a: dict[str, Any], b: dict[str, Any], path: tuple[Any, ...] = ()
-) -> str:
+def spec_difference(a: dict[str, Any], b: dict[str, Any], path: KeyPath = ()) -> str:
   """Where two tree specs first differ: the leaf path, then checkpoint vs target."""
   where = path_str(path)
   kind = a.get('type')
@@ -142,7 +140,7 @@ def spec_difference(
   return f'{where}: ' + ', '.join(diff)
 
 
-def load(directory: PathLike, target: Any = None) -> Any:
+def load(directory: PathLike, target: PyTree = None) -> PyTree:
   """Loads a tree saved by :func:`save`, bit for bit.
 
   ``target``, a tree like the saved one (arrays or ``jax.ShapeDtypeStruct``
@@ -209,7 +207,7 @@ def _restore_arrays(
   return restored
 
 
-def read_float(directory: Path) -> Any:
+def read_float(directory: Path) -> PyTree:
   """A float tree from an Orbax directory; a pqjax checkpoint loads as saved."""
   if (directory / METADATA_FILE).exists():
     return load(directory)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from pqjax._src.core.leaves import is_array, path_str
+from pqjax._src.core.leaves import KeyPath, PyTree, is_array, path_str
 from pqjax._src.core.qarray import contains_qarray
 from pqjax._src.io import msgpack, orbax, safetensors, shards
 from pqjax._src.io.treespec import CheckpointError, PathLike
@@ -36,9 +36,9 @@ class Format:
   save: Callable[..., None] | None = None
   # ``load(path, target=None)``: a pqjax checkpoint, bit for bit, placed by the
   # shardings of ``target``'s leaves.
-  load: Callable[..., Any] | None = None
+  load: Callable[..., PyTree] | None = None
   # ``read_float(path)``: a float tree from any file of the format.
-  read_float: Callable[[Path], Any] | None = None
+  read_float: Callable[[Path], PyTree] | None = None
   # How the format is described in error messages.
   description: str = ''
 
@@ -80,7 +80,7 @@ def _unknown(path: Path, capability: Capability) -> CheckpointError:
   return CheckpointError(f'{path}: unknown checkpoint format; expected {kinds}')
 
 
-def load_float(path: PathLike) -> Any:
+def load_float(path: PathLike) -> PyTree:
   """Reads a float parameter tree: an Orbax directory, flax msgpack or safetensors.
 
   The format follows the path: a directory is an Orbax checkpoint, ``*.msgpack`` a
@@ -111,14 +111,14 @@ def load_float(path: PathLike) -> Any:
   return _arrays_only(tree, path)
 
 
-def _arrays_only(tree: Any, where: Path) -> Any:
+def _arrays_only(tree: PyTree, where: Path) -> PyTree:
   """``tree`` with Python numbers as 0-d arrays; CheckpointError for other leaves.
 
   A parameter tree holds arrays: a string (which msgpack and Orbax can store)
   could be neither quantized nor saved, so it is refused here, by its path.
   """
 
-  def one(path: Any, x: Any) -> Any:
+  def one(path: KeyPath, x: Any) -> Any:
     if is_array(x):
       return x
     if isinstance(x, (bool, int, float, complex)):
@@ -131,7 +131,7 @@ def _arrays_only(tree: Any, where: Path) -> Any:
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def load(path: PathLike, target: Any = None) -> Any:
+def load(path: PathLike, target: PyTree = None) -> PyTree:
   """Loads a pqjax checkpoint: a safetensors file, a folder of safetensors shards or
   an Orbax directory.
 
@@ -156,7 +156,7 @@ def load(path: PathLike, target: Any = None) -> Any:
 
 
 def save(
-  path: PathLike, tree: Any, *, format: str | None = None, overwrite: bool = False
+  path: PathLike, tree: PyTree, *, format: str | None = None, overwrite: bool = False
 ) -> None:
   """Saves a (quantized) tree in a format named, or chosen by the path.
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from pqjax._src.core.leaves import PyTree
 from pqjax._src.io import atomic, orbax
 from pqjax._src.io.sources import DTYPE_NAMES, DTYPES
 from pqjax._src.io.treespec import (
@@ -58,7 +59,7 @@ def _layout(
   return len(text).to_bytes(8, 'little') + text, order
 
 
-def save(path: PathLike, tree: Any, *, overwrite: bool = False) -> None:
+def save(path: PathLike, tree: PyTree, *, overwrite: bool = False) -> None:
   """Saves a (quantized) tree to one safetensors file; see the module docstring."""
   spec, tensors = flatten(tree)
   tensors = host(tensors)
@@ -141,7 +142,7 @@ def read(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   return tensors, meta
 
 
-def load(path: PathLike, target: Any = None) -> Any:
+def load(path: PathLike, target: PyTree = None) -> PyTree:
   """Loads a tree saved by :func:`save`, bit for bit, through a memory map: each
   tensor is copied onto the device (or where ``target``'s leaves' shardings place
   it) and its pages handed back."""
@@ -153,13 +154,15 @@ def load(path: PathLike, target: Any = None) -> Any:
     return mapped.from_maps(source, meta, path, target)
 
 
-def from_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> Any:
+def from_tensors(
+  path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]
+) -> PyTree:
   spec = check_metadata(meta, path)
   verify(meta, tensors, path)
   return unflatten(spec, tensors, path)
 
 
-def read_float(path: Path) -> Any:
+def read_float(path: Path) -> PyTree:
   """A float tree from any safetensors file; a pqjax checkpoint loads as saved."""
   tensors, meta = read(path)
   if meta.get('format') == FORMAT:

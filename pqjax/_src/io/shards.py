@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
+from pqjax._src.core.leaves import PyTree
 from pqjax._src.io import atomic, mapped, orbax, sources
 from pqjax._src.io.treespec import (
   FORMAT,
@@ -32,7 +32,7 @@ def claims(path: Path) -> bool:
   return path.is_dir() and (path / sources.INDEX).exists()
 
 
-def load(path: PathLike, target: Any = None) -> Any:
+def load(path: PathLike, target: PyTree = None) -> PyTree:
   """A pqjax checkpoint written as a folder of shards, bit for bit (placed by
   ``target``'s shardings, as :func:`mapped.from_maps`)."""
   path = Path(path)
@@ -41,7 +41,7 @@ def load(path: PathLike, target: Any = None) -> Any:
     return mapped.from_maps(source, meta, path, target)
 
 
-def read_float(path: Path) -> Any:
+def read_float(path: Path) -> PyTree:
   """A float tree from a folder of shards: flat names split on ``.``; a pqjax
   checkpoint loads as saved."""
   stored, meta = sources.shard_files(path)
@@ -52,7 +52,7 @@ def read_float(path: Path) -> Any:
 
 
 def save(
-  path: PathLike, tree: Any, *, overwrite: bool = False, shard_bytes: int = SHARD_BYTES
+  path: PathLike, tree: PyTree, *, overwrite: bool = False, shard_bytes: int = SHARD_BYTES
 ) -> None:
   """Saves a (quantized) tree as a folder of shards with an index."""
   spec, tensors = flatten(tree)

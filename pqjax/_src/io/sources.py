@@ -29,7 +29,7 @@ from pqjax._src.io.treespec import CheckpointError
 
 INDEX = 'model.safetensors.index.json'
 # safetensors' dtype names; ml_dtypes gives NumPy the ones it lacks.
-DTYPES: dict[str, Any] = {
+DTYPES: dict[str, type[np.generic]] = {
   'BOOL': np.bool_,
   'U8': np.uint8,
   'I8': np.int8,
@@ -266,7 +266,7 @@ class Source:
   def __enter__(self) -> Source:
     return self
 
-  def __exit__(self, *exc: Any) -> None:
+  def __exit__(self, *exc: object) -> None:
     self.close()
 
   def read(

@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import numpy.typing as npt
+from jax.typing import ArrayLike
 
 from pqjax._src.core import grid, packing
-from pqjax._src.core.leaves import is_array, path_str
+from pqjax._src.core.leaves import KeyPath, PyTree, is_array, path_str
 from pqjax._src.core.qarray import DATA_FIELDS, LoraArray, QArray
 from pqjax._src.version import __version__
 
@@ -50,12 +52,12 @@ class CheckpointError(ValueError):
 # --- dtypes ------------------------------------------------------------------------
 
 
-def dtype_name(dtype: Any) -> str:
+def dtype_name(dtype: npt.DTypeLike) -> str:
   """The name a dtype is recorded under (``float32``, ``bfloat16``...)."""
   return np.dtype(dtype).name
 
 
-def parse_dtype(name: Any) -> np.dtype:
+def parse_dtype(name: object) -> np.dtype:
   """The dtype recorded as ``name``; NumPy's own names and ml_dtypes' (bfloat16)."""
   if not isinstance(name, str):
     raise ValueError(f'dtype name must be a string, got {name!r}')
@@ -77,7 +79,7 @@ def parse_dtype(name: Any) -> np.dtype:
 LEGACY_BYTE_BITS = (5, 6, 7)
 
 
-def _pack_legacy(codes: Any, bits: int, table_size: int) -> jax.Array:
+def _pack_legacy(codes: ArrayLike, bits: int, table_size: int) -> jax.Array:
   """Signed int8 codes ``(*layers, K, N)`` of an older file, packed as stored today."""
   q = jnp.asarray(codes).astype(jnp.int32)
   *layers, k, n = q.shape
@@ -105,20 +107,20 @@ class _Flat:
     return {'name': unique, **ref}
 
 
-def _check_key(key: Any, path: tuple[Any, ...]) -> None:
+def _check_key(key: object, path: KeyPath) -> None:
   if isinstance(key, bool) or not isinstance(key, (str, int)):
     raise TypeError(
       f'{path_str(path)}: dict keys must be str or int to be saved, got {key!r}'
     )
 
 
-def _is_frozen_dict(node: Any) -> bool:
+def _is_frozen_dict(node: object) -> bool:
   # Without importing flax: a FrozenDict exists only if flax is loaded already.
   module = sys.modules.get('flax.core.frozen_dict')
   return module is not None and type(node) is module.FrozenDict
 
 
-def _encode(node: Any, path: tuple[Any, ...], flat: _Flat) -> dict[str, Any]:
+def _encode(node: PyTree, path: KeyPath, flat: _Flat) -> dict[str, Any]:
   if len(path) > MAX_DEPTH:
     # Saved, it could not be loaded back.
     raise ValueError(
@@ -191,13 +193,13 @@ def _encode(node: Any, path: tuple[Any, ...], flat: _Flat) -> dict[str, Any]:
   )
 
 
-def flatten(tree: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def flatten(tree: PyTree) -> tuple[dict[str, Any], dict[str, Any]]:
   """``(spec, tensors)``: the JSON description of ``tree`` and its arrays by name."""
   flat = _Flat()
   return _encode(tree, (), flat), flat.tensors
 
 
-def as_jax(x: np.ndarray) -> Any:
+def as_jax(x: np.ndarray) -> jax.Array | np.ndarray:
   # A dtype JAX would narrow (int64 without x64) stays a NumPy array.
   if jax.dtypes.canonicalize_dtype(x.dtype) == x.dtype:
     return jnp.asarray(x)
@@ -234,7 +236,7 @@ def _decode(
   tensors: dict[str, Any],
   used: set[str],
   convert: Callable[[Any], Any],
-) -> Any:
+) -> PyTree:
   kind = spec['type']
   if kind == 'none':
     return None
@@ -305,7 +307,7 @@ def unflatten(
   tensors: dict[str, Any],
   where: Path,
   convert: Callable[[Any], Any] = as_jax,
-) -> Any:
+) -> PyTree:
   """Rebuilds the tree that :func:`flatten` described; checks every tensor is used.
 
   ``convert`` turns each stored array into the leaf (default: a JAX array).

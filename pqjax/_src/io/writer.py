@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from pqjax._src.io import sources
 from pqjax._src.io.treespec import checksum
@@ -109,7 +110,7 @@ class Writer:
         self.slots[name] = sources.Stored(file, name, shape, dtype, offsets[name])
     self._fds = {f: os.open(f, os.O_RDWR) for f in self.files}
 
-  def write(self, name: str, x: Any, start: int = 0) -> None:
+  def write(self, name: str, x: npt.ArrayLike, start: int = 0) -> None:
     """Writes ``x``'s bytes into tensor ``name`` from byte ``start`` of its data."""
     slot = self.slots[name]
     data = np.ascontiguousarray(np.asarray(x, dtype=slot.dtype))

@@ -114,6 +114,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.typing import DTypeLike
 
 from pqjax._src.core.grid import MAX_BITS, MIN_BITS
 from pqjax._src.core.operator import explicit_mesh
@@ -240,6 +241,30 @@ class Tiling:
   scale_mode: ScaleMode
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """How the kernel is tuned: each value left unset is chosen by :func:`choose_tiling`.
+
+  Attributes:
+    method: ``"auto"`` (``gemv`` for one row, ``dot`` otherwise), ``"dot"`` or
+      ``"gemv"``.
+    block_m, block_n, block_k, split_k, num_warps, num_stages, prefetch: the
+      :class:`Tiling`'s values; ``None`` (default) chooses each.
+    lookup: ``"gather"`` (index the table in memory) or ``"select"`` (a tree of
+      selects on levels held in registers, 2 to 4 bits).
+  """
+
+  method: Method = 'auto'
+  block_m: int | None = None
+  block_n: int | None = None
+  block_k: int | None = None
+  split_k: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+  prefetch: bool | None = None
+  lookup: Lookup = 'gather'
+
+
 def _check_block(name: str, v: int, low: int) -> None:
   if not isinstance(v, (int, np.integer)) or not _pow2(int(v)) or v < low:
     raise ValueError(f'{name} must be a power of two >= {low}, got {v!r}')
@@ -252,14 +277,7 @@ def choose_tiling(
   bits: int,
   *,
   nk: int = 1,
-  method: Method = 'auto',
-  block_m: int | None = None,
-  block_n: int | None = None,
-  block_k: int | None = None,
-  split_k: int | None = None,
-  num_warps: int | None = None,
-  num_stages: int | None = None,
-  prefetch: bool | None = None,
+  config: KernelConfig = KernelConfig(),
 ) -> Tiling:
   """The tiling of an ``(m, k) @ (k, n)`` product at ``bits`` bits.
 
@@ -283,19 +301,21 @@ def choose_tiling(
     bits: code width.
     nk: scale blocks along K; with ``nk > 1`` an unset ``block_k`` is lowered to
       divide the group rows when that still makes a valid tile.
-    method: ``"auto"`` (``gemv`` for one row), ``"dot"`` or ``"gemv"``.
-    block_m, block_n, block_k, split_k, num_warps, num_stages, prefetch: overrides.
+    config: the method and the values chosen by hand (its ``lookup`` is not part
+      of the tiling).
 
   Returns:
     The :class:`Tiling`.
   """
   u, _ = codes_per_unit(bits)
+  method = config.method
   if method == 'auto':
     method = 'gemv' if m == 1 else 'dot'
   if method not in ('dot', 'gemv'):
     raise ValueError(f'method must be "auto", "dot" or "gemv", got {method!r}')
   dot = method == 'dot'
   min_units = DOT_MIN if dot else 1
+  block_m = config.block_m
   if block_m is None:
     block_m = min(128, max(DOT_MIN, _next_pow2(m))) if dot else 1
   elif dot:
@@ -304,12 +324,14 @@ def choose_tiling(
     raise ValueError(f'gemv computes one row a program: block_m must be 1, got {block_m}')
   large = dot and block_m >= 128
   m_blocks = -(-m // block_m)
+  block_n = config.block_n
   if block_n is None:
     block_n = min(128 if large else 64, max(DOT_MIN, _next_pow2(n)))
     # Small products are bound by memory: every SM should get a program.
     while dot and not large and block_n > 32 and m_blocks * -(-n // block_n) < GPU_SMS:
       block_n //= 2
   _check_block('block_n', block_n, DOT_MIN)
+  block_k = config.block_k
   explicit_k = block_k is not None
   if block_k is None:
     block_k = _DEFAULT_BLOCK_K['large' if large else method][
@@ -334,6 +356,7 @@ def choose_tiling(
     scale_mode = 'element' if rows % block_k else 'tile'
 
   full_tiles = k // block_k
+  split_k = config.split_k
   if split_k is None:
     blocks = m_blocks * -(-n // block_n)
     split_k = 1
@@ -348,10 +371,11 @@ def choose_tiling(
   split_k = int(max(1, min(split_k, full_tiles)))
   if split_k > 1:
     split_k = -(-full_tiles // -(-full_tiles // split_k))
+  num_warps = config.num_warps
   if num_warps is None:
     num_warps = 8 if large and block_n >= 128 else 4
-  if num_stages is None:
-    num_stages = 3
+  num_stages = 3 if config.num_stages is None else config.num_stages
+  prefetch = config.prefetch
   if prefetch is None:
     # At 8 bits the carried int8 tiles cost more instructions than they save
     # (sm_90 SASS: 10.1 instead of 5.5 a code); at 2 to 4 bits, 2 to 12% more. 5 to
@@ -642,18 +666,10 @@ def packed_matmul(
   *,
   bits: int,
   k: int,
-  block_m: int | None = None,
-  block_n: int | None = None,
-  block_k: int | None = None,
-  split_k: int | None = None,
-  method: Method = 'auto',
-  lookup: Lookup = 'gather',
-  num_warps: int | None = None,
-  num_stages: int | None = None,
-  prefetch: bool | None = None,
+  config: KernelConfig = KernelConfig(),
   precision: lax.Precision | None = None,
   interpret: bool = False,
-  out_dtype: Any = None,
+  out_dtype: DTypeLike | None = None,
 ) -> jax.Array:
   """``x @ W`` where ``W`` is decoded from packed codes inside the kernel's tiles.
 
@@ -665,10 +681,8 @@ def packed_matmul(
     table: float32 levels, ``2**bits`` or ``2**bits - 1`` entries (``QArray.table``).
     bits: code width, 2 to 8.
     k: rows of the weight (K).
-    block_m, block_n, block_k, split_k, num_warps, num_stages, prefetch, method: the
-      tiling; unset values come from :func:`choose_tiling`.
-    lookup: ``"gather"`` (index the table in memory) or ``"select"`` (a tree of
-      selects on levels held in registers, 2 to 4 bits).
+    config: the method, the tiling and the lookup (:class:`KernelConfig`); unset
+      values come from :func:`choose_tiling`.
     precision: of the in-kernel products for float32 ``x`` (default: TF32 on GPU,
       like XLA's default; ``lax.Precision.HIGHEST`` for IEEE float32).
     interpret: run the kernel with Pallas' interpreter (any backend, slow).
@@ -686,21 +700,14 @@ def packed_matmul(
       packed_matmul,
       bits=bits,
       k=k,
-      block_m=block_m,
-      block_n=block_n,
-      block_k=block_k,
-      split_k=split_k,
-      method=method,
-      lookup=lookup,
-      num_warps=num_warps,
-      num_stages=num_stages,
-      prefetch=prefetch,
+      config=config,
       precision=precision,
       interpret=interpret,
       out_dtype=out_dtype,
     )
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.sharding.auto_axes(fn, out_sharding=whole)(x, codes, scale, table)
+  lookup = config.lookup
   if lookup not in ('gather', 'select'):
     raise ValueError(f'lookup must be "gather" or "select", got {lookup!r}')
   if lookup == 'select' and bits > SELECT_MAX_BITS:
@@ -710,21 +717,7 @@ def packed_matmul(
   if m == 0 or n == 0 or k == 0:
     return jnp.zeros((m, n), out_dtype)
   nk, ncol = scale.shape
-  tiling = choose_tiling(
-    m,
-    k,
-    n,
-    bits,
-    nk=nk,
-    method=method,
-    block_m=block_m,
-    block_n=block_n,
-    block_k=block_k,
-    split_k=split_k,
-    num_warps=num_warps,
-    num_stages=num_stages,
-    prefetch=prefetch,
-  )
+  tiling = choose_tiling(m, k, n, bits, nk=nk, config=config)
   plan = _Launch(
     tiling=tiling,
     bits=bits,
@@ -789,7 +782,7 @@ def _product_jvp(
   *,
   bits: int,
   k: int,
-  out_dtype: Any,
+  out_dtype: np.dtype,
 ) -> tuple[jax.Array, jax.Array]:
   """The kernel's value, and its derivative through the product written in JAX.
 

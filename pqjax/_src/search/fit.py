@@ -1,23 +1,29 @@
 """Fitting each layer's exponent and clip ratio: on binned statistics, then exactly.
 
-The search itself is one jitted program for the whole tree, on the concatenated
-statistics of every layer; only the statistics and encoding passes depend on a
-layer's shape.
+At one width the search is one jitted program for the whole tree, on the
+concatenated statistics of every layer; only the statistics and encoding passes
+depend on a layer's shape. Under a bit budget each width's layers are searched a few
+at a time by a program of that width (:func:`search_each_width`) and the exact
+refinement takes each layer's width as a value, so that another budget on the same
+tree compiles no search.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pqjax._src.core import grid as grid_lib
 from pqjax._src.core import operator
 from pqjax._src.search.config import Plan, SearchConfig
-from pqjax._src.search.objective import exact_inputs, stats_error
+from pqjax._src.search.objective import stats_error
 from pqjax._src.search.optimiser import alternate, minimise
 from pqjax._src.search.stats import (
   coarsen,
@@ -188,48 +194,193 @@ def search_widths(
   )
 
 
+# Layers a program of :func:`search_each_width` searches at once. Its programs then
+# depend on the width alone, not on how many layers a budget gives each width: the
+# first budget compiles them, for every width it may choose, and later budgets and
+# trees with the same settings compile none. A width's last chunk is filled with empty
+# layers, so small chunks waste little; each layer's search is independent, so the
+# results are those of one program for all layers, bit for bit.
+CHUNK = 2
+
+
+def _chunk_args(bins: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """Shapes of one chunk's statistics, exponents, clip ratios and scale exponents."""
+  one = jax.ShapeDtypeStruct((CHUNK,), jnp.float32)
+  return (
+    jax.ShapeDtypeStruct((CHUNK, 2, bins, 2), jnp.float32),
+    one,
+    one,
+    jax.ShapeDtypeStruct((CHUNK,), jnp.int32),
+  )
+
+
+# A program compiled ahead: what determines it (a key, so that several leaves alike
+# compile it once), and its compilation.
+Compilation = tuple[Hashable, Callable[[], object]]
+
+
+def compilations(
+  widths: Sequence[int], bins: int, *, grid: str, plan: Plan, config: SearchConfig
+) -> list[Compilation]:
+  """The compilations of :func:`search_each_width`'s program of each width."""
+  stats, alpha, clip, exponents = _chunk_args(bins)
+
+  def at(bits: int) -> object:
+    return search_widths.lower(
+      (stats,),
+      alpha,
+      clip,
+      exponents,
+      widths=(bits,),
+      grid=grid,
+      plan=plan,
+      config=config,
+      warm=True,
+    ).compile()
+
+  return [
+    (('search', int(b), bins, grid, plan, config), functools.partial(at, int(b)))
+    for b in widths
+  ]
+
+
+def compile_all(jobs: Sequence[Compilation]) -> None:
+  """Compiles programs ahead (each then in JAX's cache), several at a time.
+
+  XLA compiles outside Python's lock: on a machine of several cores the programs a
+  bit budget compiles for later budgets cost little more time than one. A program
+  compiled already is found in JAX's cache, in well under a millisecond.
+  """
+  todo = dict(jobs)
+  if not todo:
+    return
+  # The threads lower under the caller's setting of 64-bit types, which is local to
+  # its thread: the programs are then the ones its calls look up.
+  x64 = bool(jax.config.read('jax_enable_x64'))
+
+  def run(job: Callable[[], object]) -> object:
+    with jax.enable_x64(x64):
+      return job()
+
+  workers = min(len(todo), os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for _ in pool.map(run, todo.values()):
+      pass
+
+
+def search_each_width(
+  stats: np.ndarray,
+  alpha: np.ndarray,
+  clip: np.ndarray,
+  bits: np.ndarray,
+  *,
+  grid: str,
+  plan: Plan,
+  config: SearchConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+  """:func:`search_widths` with ``warm`` of each layer at its width, in chunks.
+
+  Args:
+    stats: binned statistics of every layer ``(L, 2, bins, 2)``, on the host.
+    alpha: each layer's starting exponent ``(L,)`` (a point of :func:`width_errors`).
+    clip: each layer's starting clip ratio ``(L,)``.
+    bits: each layer's width ``(L,)``.
+    grid: the grid of levels.
+    plan: what the search varies; not ``plan.shared``, whose exponent is common to
+      every layer.
+    config: the search settings.
+
+  Returns:
+    The exponents and clip ratios ``(L,)`` found, as host arrays.
+  """
+  assert not plan.shared
+  empty = np.zeros((CHUNK, *stats.shape[1:]), np.float32)
+  parts = []
+  for b in np.unique(bits):
+    index = np.flatnonzero(bits == b)
+    for lo in range(0, index.size, CHUNK):
+      part = index[lo : lo + CHUNK]
+      s, a, c = empty.copy(), np.ones(CHUNK, np.float32), np.ones(CHUNK, np.float32)
+      s[: part.size] = stats[part]
+      a[: part.size] = alpha[part]
+      c[: part.size] = clip[part]
+      s, a, c, e = jax.device_put((s, a, c, np.zeros(CHUNK, np.int32)))
+      # Every call is dispatched before any result is read.
+      found = search_widths(
+        (s,),
+        a,
+        c,
+        e,
+        widths=(int(b),),
+        grid=grid,
+        plan=plan,
+        config=config,
+        warm=True,
+      )
+      parts.append((part, found))
+  alpha, clip = np.array(alpha, np.float32), np.array(clip, np.float32)
+  for part, (a, c) in parts:
+    alpha[part], clip[part] = np.asarray(a)[: part.size], np.asarray(c)[: part.size]
+  return alpha, clip
+
+
 def needs_refine(size: int, config: SearchConfig) -> bool:
   """Whether layers of ``size`` weights get the exact refinement."""
   return config.refine_iters > 0 and size < config.refine_below
 
 
-@functools.partial(jax.jit, static_argnames=('views', 'bits', 'grid', 'plan', 'config'))
+def layer_steps(bits: Sequence[int] | np.ndarray, grid: str) -> np.ndarray:
+  """Each layer's ``(d_neg, d_pos)`` (:func:`grid.steps`) ``(L, 2)``, as float32."""
+  return np.array([grid_lib.steps(int(b), grid) for b in bits], np.float32).reshape(-1, 2)
+
+
+@functools.partial(jax.jit, static_argnames=('views', 'grid', 'plan', 'config'))
 def refine_layers(
   groups: Sequence[Sequence[jax.Array]],
   alpha: jax.Array,
   clip: jax.Array,
+  steps: jax.Array,
+  order: jax.Array,
   *,
   views: Sequence[tuple[int, int, int, int]],
-  bits: int | tuple[int, ...],
   grid: str,
   plan: Plan,
   config: SearchConfig,
 ) -> tuple[jax.Array, jax.Array]:
-  """Exact refinement of ``(alpha, clip)`` (one each per layer, groups in order).
+  """Exact refinement of ``(alpha, clip)``, one each per layer.
 
-  ``views[i]`` is ``(K, N, nk, ncol)`` of group ``i``; ``bits`` is every group's
-  width, or each one's.
+  ``views[i]`` is ``(K, N, nk, ncol)`` of group ``i``. The groups' layers, in order,
+  are ``alpha[order]``: ``alpha`` and ``clip`` (and the results) may list them in
+  any order, in which a shared exponent sums their errors. ``steps`` ``(L, 2)`` is
+  each layer's ``(d_neg, d_pos)`` (:func:`layer_steps`), in the groups' order: a
+  value, so that one program serves every choice of widths.
   """
   prepared = [
     prepare_stack(stack(g, k, n), nk, ncol) for g, (k, n, nk, ncol) in zip(groups, views)
   ]
-  exponents = [layer_binary_exponent(scale) for _, scale in prepared]
+  exponents = jnp.concatenate([layer_binary_exponent(scale) for _, scale in prepared])
   err = jax.vmap(functools.partial(operator.block_error, grid=grid))
-  widths = bits if isinstance(bits, tuple) else (bits,) * len(prepared)
-  fs = [
-    (exact_inputs(xs, b, grid), normalise(scale, e))
-    for (xs, scale), e, b in zip(prepared, exponents, widths)
-  ]
   sizes = [xs.shape[0] for xs, _ in prepared]
   offsets = np.cumsum([0] + sizes)
+  fs = []
+  for (xs, scale), o, size in zip(prepared, offsets, sizes):
+    e = exponents[o : o + size]
+    d_neg, d_pos = (steps[o : o + size, i].reshape(-1, 1, 1, 1) for i in (0, 1))
+    # As exact_inputs, with the layer's code ranges.
+    x = jnp.abs(xs)
+    fs.append(((x, jnp.log(x), jnp.where(xs < 0, d_neg, d_pos)), normalise(scale, e)))
+  # Where each of the caller's layers is among the groups'.
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
 
   def per_layer(a, c):
-    return jnp.concatenate(
+    a, c = a[order], c[order]
+    errors = jnp.concatenate(
       [
         err(x, log_x, d, scale, a[o : o + s], c[o : o + s])
         for ((x, log_x, d), scale), o, s in zip(fs, offsets, sizes)
       ]
     )
+    return errors[inverse]
 
   return alternate(
     per_layer,
@@ -242,5 +393,5 @@ def refine_layers(
     clip_iters=config.refine_iters,
     rounds=1,
     config=config,
-    weights=sum_weights(jnp.concatenate(exponents)),
+    weights=sum_weights(exponents[inverse]),
   )
