@@ -244,6 +244,10 @@ def compilations(
   ]
 
 
+# Compilations run at once at most: each holds the memory of its compiler.
+MAX_COMPILE_THREADS = 8
+
+
 def compile_all(jobs: Sequence[Compilation]) -> None:
   """Compiles programs ahead (each then in JAX's cache), several at a time.
 
@@ -262,7 +266,7 @@ def compile_all(jobs: Sequence[Compilation]) -> None:
     with jax.enable_x64(x64):
       return job()
 
-  workers = min(len(todo), os.cpu_count() or 1)
+  workers = min(len(todo), os.cpu_count() or 1, MAX_COMPILE_THREADS)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     for _ in pool.map(run, todo.values()):
       pass
@@ -304,6 +308,7 @@ def search_each_width(
       s[: part.size] = stats[part]
       a[: part.size] = alpha[part]
       c[: part.size] = clip[part]
+      # The scale exponents weigh only a shared exponent's summed error: none here.
       s, a, c, e = jax.device_put((s, a, c, np.zeros(CHUNK, np.int32)))
       # Every call is dispatched before any result is read.
       found = search_widths(
