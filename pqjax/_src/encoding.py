@@ -9,6 +9,7 @@ codes at every width a later budget may give a leaf (:func:`compile_widths`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Hashable, Sequence
@@ -24,6 +25,39 @@ from pqjax._src.core.grid import steps as steps_of
 from pqjax._src.search.config import SearchConfig
 from pqjax._src.search.objective import exact_inputs
 from pqjax._src.search.stats import stack
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeSpec:
+  """The settings every encoding program of a group's layers is compiled for.
+
+  Attributes:
+    k: rows of a layer's ``(K, N)`` view.
+    n: columns of that view.
+    nk: blocks along K.
+    bits: the code width.
+    grid: the grid of levels.
+    block_clip: whether each block picks its own clip ratio.
+    config: the search settings (the block clip's candidates).
+  """
+
+  k: int
+  n: int
+  nk: int
+  bits: int
+  grid: str
+  block_clip: bool
+  config: SearchConfig
+
+  def codes(self) -> EncodeSpec:
+    """What the codes alone depend on: a program of them serves every search
+    setting."""
+    return dataclasses.replace(self, block_clip=False, config=SearchConfig())
+
+
+def identity(x: jax.Array) -> jax.Array:
+  """A column's largest scale where a device holds all its rows."""
+  return x
 
 
 def _block_clip(
@@ -64,12 +98,8 @@ def encode_block(
   absmax: jax.Array,
   storage: jax.Array,
   *,
-  nk: int,
-  bits: int,
-  grid: str,
-  block_clip: bool,
-  config: SearchConfig,
-  column_max: Callable[[jax.Array], jax.Array] = lambda x: x,
+  spec: EncodeSpec,
+  column_max: Callable[[jax.Array], jax.Array] = identity,
 ) -> tuple[jax.Array, ...]:
   """One layer's packed codes and its scales: float32 values ``(nk, ncol)``, and
   their uint8 steps ``(nk, ncol)`` and column scale ``(1, ncol)``.
@@ -77,12 +107,11 @@ def encode_block(
   ``storage`` indexes ``SCALE_DTYPES``: the codes are chosen against the scales as
   stored. ``column_max`` completes a column's largest scale across devices.
   """
-  w3 = block_view(w, nk)
-  if block_clip:
-    xs = operator.divide(w3, absmax)
-    clip = _block_clip(xs, absmax, alpha, clip, bits, grid, config)
+  if spec.block_clip:
+    xs = operator.divide(block_view(w, spec.nk), absmax)
+    clip = _block_clip(xs, absmax, alpha, clip, spec.bits, spec.grid, spec.config)
   scale, steps, column = stored_scales(absmax, clip, storage, column_max)
-  codes = block_codes(w, scale, alpha, nk=nk, bits=bits, grid=grid)
+  codes = block_codes(w, scale, alpha, spec=spec)
   return codes, scale[:, 0, :], steps[:, 0, :], column[:, 0, :]
 
 
@@ -90,7 +119,7 @@ def stored_scales(
   absmax: jax.Array,
   clip: jax.Array,
   storage: jax.Array,
-  column_max: Callable[[jax.Array], jax.Array] = lambda x: x,
+  column_max: Callable[[jax.Array], jax.Array] = identity,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One layer's block scales as stored ``(nk, 1, ncol)`` (float32 values), their
   uint8 steps, and the column scale ``(1, 1, ncol)`` the steps count in.
@@ -107,12 +136,13 @@ def stored_scales(
 
 
 def block_codes(
-  w: jax.Array, scale: jax.Array, alpha: jax.Array, *, nk: int, bits: int, grid: str
+  w: jax.Array, scale: jax.Array, alpha: jax.Array, *, spec: EncodeSpec
 ) -> jax.Array:
   """One layer's packed codes, chosen against its scales as stored (so that the
   codes fit the rounded scales)."""
-  w3 = block_view(w, nk)
-  q = operator.encode(w3, scale, alpha, bits, grid).reshape(-1, w.shape[1])[: w.shape[0]]
+  bits, grid = spec.bits, spec.grid
+  q = operator.encode(block_view(w, spec.nk), scale, alpha, bits, grid)
+  q = q.reshape(-1, w.shape[1])[: w.shape[0]]
   return packing.pack(q, bits, steps_of(bits, grid)[0])
 
 
@@ -137,41 +167,7 @@ def split_layers(x: jax.Array, layers: Sequence[tuple[int, ...]]) -> list[jax.Ar
   return out
 
 
-def encode_stack(
-  ws: jax.Array,
-  alpha: jax.Array,
-  clip: jax.Array,
-  absmax: jax.Array,
-  storage: jax.Array,
-  *,
-  nk: int,
-  bits: int,
-  grid: str,
-  block_clip: bool,
-  config: SearchConfig,
-  column_max: Callable[[jax.Array], jax.Array] = lambda x: x,
-) -> tuple[jax.Array, ...]:
-  """:func:`encode_block` of each layer of ``ws`` ``(L, K, N)``: per layer results.
-
-  The work of one device, whether it holds whole layers or a shard of each
-  (``column_max`` then completes a column's largest scale across devices).
-  """
-  fn = functools.partial(
-    encode_block,
-    nk=nk,
-    bits=bits,
-    grid=grid,
-    block_clip=block_clip,
-    config=config,
-    column_max=column_max,
-  )
-  return jax.vmap(fn)(ws, alpha, clip, absmax, storage)
-
-
-@functools.partial(
-  jax.jit,
-  static_argnames=('k', 'n', 'nk', 'layers', 'bits', 'grid', 'block_clip', 'config'),
-)
+@functools.partial(jax.jit, static_argnames=('spec', 'layers'))
 def encode_leaf(
   w: jax.Array,
   alpha: jax.Array,
@@ -179,14 +175,8 @@ def encode_leaf(
   absmax: jax.Array,
   storage: jax.Array,
   *,
-  k: int,
-  n: int,
-  nk: int,
+  spec: EncodeSpec,
   layers: tuple[int, ...],
-  bits: int,
-  grid: str,
-  block_clip: bool,
-  config: SearchConfig,
 ) -> tuple[jax.Array, ...]:
   """One leaf's packed codes ``(*layers, packed_rows, N)``, and its scales: float32
   values and uint8 steps ``(*layers, nk, ncol)``, column scales ``(*layers, 1, ncol)``.
@@ -195,18 +185,8 @@ def encode_leaf(
   ``(L, nk, 1, ncol)``. One program for all: what a block clip, which depends on
   the width, needs.
   """
-  out = encode_stack(
-    stack((w,), k, n),
-    alpha,
-    clip,
-    absmax,
-    storage,
-    nk=nk,
-    bits=bits,
-    grid=grid,
-    block_clip=block_clip,
-    config=config,
-  )
+  fn = functools.partial(encode_block, spec=spec)
+  out = jax.vmap(fn)(stack((w,), spec.k, spec.n), alpha, clip, absmax, storage)
   return tuple(split_layers(x, (layers,))[0] for x in out)
 
 
@@ -223,38 +203,31 @@ def leaf_scales(
   )
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'n', 'nk', 'layers', 'bits', 'grid'))
+@functools.partial(jax.jit, static_argnames=('spec', 'layers'))
 def leaf_codes(
   w: jax.Array,
   scale: jax.Array,
   alpha: jax.Array,
   *,
-  k: int,
-  n: int,
-  nk: int,
+  spec: EncodeSpec,
   layers: tuple[int, ...],
-  bits: int,
-  grid: str,
 ) -> jax.Array:
   """:func:`block_codes` of each layer of a leaf: ``(*layers, packed_rows, N)``."""
-  fn = functools.partial(block_codes, nk=nk, bits=bits, grid=grid)
-  return split_layers(jax.vmap(fn)(stack((w,), k, n), scale, alpha), (layers,))[0]
+  fn = functools.partial(block_codes, spec=spec)
+  ws = stack((w,), spec.k, spec.n)
+  return split_layers(jax.vmap(fn)(ws, scale, alpha), (layers,))[0]
 
 
 def compilations(
   w: jax.Array,
   *,
-  k: int,
-  n: int,
-  nk: int,
+  spec: EncodeSpec,
   ncol: int,
   layers: tuple[int, ...],
   widths: Sequence[int],
-  grid: str,
-  block_clip: bool,
-  config: SearchConfig,
 ) -> list[tuple[Hashable, Callable[[], object]]]:
-  """The compilations of the encoding of a leaf like ``w`` at each of ``widths``.
+  """The compilations of the encoding of a leaf like ``w`` at each of ``widths``
+  (``spec.bits`` is not read).
 
   Under a bit budget the first call compiles every width a later budget may give
   the leaf (see :func:`fit.compile_all`). ``w`` itself is not read: it stands for
@@ -262,54 +235,36 @@ def compilations(
   """
   count = math.prod(layers)
   one = jax.ShapeDtypeStruct((count,), jnp.float32)
-  absmax = jax.ShapeDtypeStruct((count, nk, 1, ncol), jnp.float32)
+  absmax = jax.ShapeDtypeStruct((count, spec.nk, 1, ncol), jnp.float32)
   storage = jax.ShapeDtypeStruct((count,), jnp.int8)
 
   def at(bits: int) -> object:
-    if block_clip:
-      return encode_leaf.lower(
-        w,
-        one,
-        one,
-        absmax,
-        storage,
-        k=k,
-        n=n,
-        nk=nk,
-        layers=layers,
-        bits=bits,
-        grid=grid,
-        block_clip=True,
-        config=config,
-      ).compile()
-    return leaf_codes.lower(
-      w, absmax, one, k=k, n=n, nk=nk, layers=layers, bits=bits, grid=grid
-    ).compile()
+    at_width = dataclasses.replace(spec, bits=bits)
+    if spec.block_clip:
+      fn = encode_leaf.lower(w, one, one, absmax, storage, spec=at_width, layers=layers)
+    else:
+      fn = leaf_codes.lower(w, absmax, one, spec=at_width.codes(), layers=layers)
+    return fn.compile()
 
   # The program depends on the leaf's type and placement, and the settings.
   committed = isinstance(w, jax.Array) and w.committed
   like = (w.shape, np.dtype(w.dtype), committed and w.sharding)
-  settings = (k, n, nk, ncol, layers, grid, block_clip and config)
+  key = spec if spec.block_clip else spec.codes()
+  settings = (dataclasses.replace(key, bits=0), ncol, layers)
   return [
     (('encode', like, settings, int(b)), functools.partial(at, int(b))) for b in widths
   ]
 
 
-def _encode_layers(
+def encode_layers(
   leaves: Sequence[jax.Array],
   alpha: np.ndarray | jax.Array,
   clip: np.ndarray | jax.Array,
   absmax: np.ndarray | jax.Array,
   storage: np.ndarray | jax.Array,
   *,
-  k: int,
-  n: int,
-  nk: int,
+  spec: EncodeSpec,
   layers: tuple[tuple[int, ...], ...],
-  bits: int,
-  grid: str,
-  block_clip: bool,
-  config: SearchConfig,
 ) -> Encoding:
   """Each leaf's packed codes and scales, as separate buffers.
 
@@ -322,14 +277,8 @@ def _encode_layers(
       pass, so it is not repeated).
     storage: how each layer stores its scales ``(L,)``, an index of
       ``SCALE_DTYPES``.
-    k: rows of a layer's ``(K, N)`` view.
-    n: columns of that view.
-    nk: blocks along K.
+    spec: the layers' shape as ``(K, N)`` views, and the encoding's settings.
     layers: each leaf's stacked-layer axes.
-    bits: the code width.
-    grid: the grid of levels.
-    block_clip: whether each block picks its own clip ratio.
-    config: the search settings (the block clip's candidates).
 
   Returns:
     Per leaf: codes ``(*layers[i], packed_rows, N)`` and scales
@@ -344,33 +293,13 @@ def _encode_layers(
   for w, shape in zip(leaves, layers):
     stop = start + math.prod(shape)
     alpha_, clip_, absmax_, storage_ = jax.device_put(tuple(x[start:stop] for x in host))
-    if block_clip:
-      arrays = encode_leaf(
-        w,
-        alpha_,
-        clip_,
-        absmax_,
-        storage_,
-        k=k,
-        n=n,
-        nk=nk,
-        layers=shape,
-        bits=bits,
-        grid=grid,
-        block_clip=True,
-        config=config,
-      )
+    if spec.block_clip:
+      arrays = encode_leaf(w, alpha_, clip_, absmax_, storage_, spec=spec, layers=shape)
     else:
       scale, *scales = leaf_scales(absmax_, clip_, storage_, layers=shape)
-      codes = leaf_codes(
-        w, scale, alpha_, k=k, n=n, nk=nk, layers=shape, bits=bits, grid=grid
-      )
+      codes = leaf_codes(w, scale, alpha_, spec=spec.codes(), layers=shape)
       arrays = (codes, *scales)
     for lst, x in zip(out, arrays):
       lst.append(x)
     start = stop
   return Encoding(*out)
-
-
-# Callers hand over the settings they share with :func:`encode_block` as one dict.
-encode_layers: Callable[..., Encoding] = _encode_layers

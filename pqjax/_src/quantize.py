@@ -397,6 +397,20 @@ def _refined_groups(groups: Sequence[Group]) -> list[_Refined]:
 # --- 5. encode ----------------------------------------------------------------------
 
 
+def encode_spec(g: Group, options: QuantizeOptions) -> encoding.EncodeSpec:
+  """The settings of a group's encoding programs."""
+  b = g.blocks
+  return encoding.EncodeSpec(
+    k=b.k,
+    n=b.n,
+    nk=b.nk,
+    bits=g.bits,
+    grid=options.grid,
+    block_clip=options.clip_mode == 'block',
+    config=options.search_config,
+  )
+
+
 def encode(
   groups: Sequence[Group],
   group_stats: Sequence[GroupStats],
@@ -422,38 +436,15 @@ def encode(
     a, c = host_alphas[offset : offset + n], host_clips[offset : offset + n]
     offset += n
     kinds = scale_storage(g, s, c, c, options) if storage is None else storage[i]
-    block_clip = options.clip_mode == 'block'
+    spec = encode_spec(g, options)
     if g.layout is None:
       e = encoding.encode_layers(
-        g.values,
-        a,
-        c,
-        s.absmax,
-        kinds,
-        k=g.blocks.k,
-        n=g.blocks.n,
-        nk=g.blocks.nk,
-        layers=g.layers,
-        bits=g.bits,
-        grid=options.grid,
-        block_clip=block_clip,
-        config=options.search_config,
+        g.values, a, c, s.absmax, kinds, spec=spec, layers=g.layers
       )
     else:
+      a_, c_, kinds_ = jax.device_put((a, c, kinds))
       e = sharding.encode_layers(
-        g.values,
-        *jax.device_put((a, c)),
-        s.absmax,
-        jax.device_put(kinds),
-        layout=g.layout,
-        k=g.blocks.k,
-        n=g.blocks.n,
-        nk=g.blocks.nk,
-        layers=g.layers,
-        bits=g.bits,
-        grid=options.grid,
-        block_clip=block_clip,
-        config=options.search_config,
+        g.values, a_, c_, s.absmax, kinds_, spec=spec, layout=g.layout, layers=g.layers
       )
     _advance(bar, e.codes, g.weights)
     out.append(Encoded(e, kinds))
@@ -478,15 +469,10 @@ def _compile_encodings(groups: Sequence[Group], options: QuantizeOptions) -> Non
       seen.add(key)
       jobs += encoding.compilations(
         leaf.value,
-        k=g.blocks.k,
-        n=g.blocks.n,
-        nk=g.blocks.nk,
+        spec=encode_spec(g, options),
         ncol=g.blocks.ncol,
         layers=leaf.layers,
         widths=options.widths,
-        grid=options.grid,
-        block_clip=options.clip_mode == 'block',
-        config=options.search_config,
       )
   fit.compile_all(jobs)
 

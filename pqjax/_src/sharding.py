@@ -36,7 +36,6 @@ from pqjax._src import encoding
 from pqjax._src.core import operator, packing
 from pqjax._src.core.blocks import Blocks, block_absmax, block_view
 from pqjax._src.search import stats, tiles
-from pqjax._src.search.config import SearchConfig
 
 Axes = tuple[str, ...]
 
@@ -269,20 +268,7 @@ def _reduce(sums: jax.Array, every: Axes, kx: int, nx: int) -> jax.Array:
   return total
 
 
-@functools.partial(
-  jax.jit,
-  static_argnames=(
-    'layout',
-    'k',
-    'n',
-    'nk',
-    'layers',
-    'bits',
-    'grid',
-    'block_clip',
-    'config',
-  ),
-)
+@functools.partial(jax.jit, static_argnames=('spec', 'layout', 'layers'))
 def encode_layers(
   leaves: Sequence[jax.Array],
   alpha: jax.Array,
@@ -290,40 +276,31 @@ def encode_layers(
   absmax: jax.Array,
   storage: jax.Array,
   *,
+  spec: encoding.EncodeSpec,
   layout: Layout,
-  k: int,
-  n: int,
-  nk: int,
   layers: tuple[tuple[int, ...], ...],
-  bits: int,
-  grid: str,
-  block_clip: bool,
-  config: SearchConfig,
 ) -> encoding.Encoding:
   """:func:`encoding.encode_layers` of sharded leaves: codes and scales stay sharded.
 
   Each leaf's per-layer inputs are cut out and sharded like its layer axes, so a
   device encodes its own layers' blocks.
   """
-  kl, nl = k // layout.kx, n // layout.nx
-  ncol = absmax.shape[3]
-  # A column's largest scale spans the shards of K.
-  split = nk > 1 and bool(layout.kaxes)
+  nk, ncol = spec.nk, absmax.shape[3]
+  kl, nl = spec.k // layout.kx, spec.n // layout.nx
+  # The unsharded encoding, on this device's blocks.
+  on_device = functools.partial(
+    encoding.encode_block,
+    spec=dataclasses.replace(spec, k=kl, n=nl, nk=nk // layout.kx if nk > 1 else 1),
+    # A column's largest scale spans the shards of K.
+    column_max=functools.partial(jax.lax.pmax, axis_name=layout.kaxes)
+    if nk > 1 and layout.kaxes
+    else encoding.identity,
+  )
 
   def local(ws, alpha, clip, absmax, storage):
     shapes = _layers(ws, layout)
     flat = [_joined(x, layout) for x in (alpha, clip, absmax, storage)]
-    # The unsharded encoding, on this device's blocks.
-    out = encoding.encode_stack(
-      _local(ws, kl, nl),
-      *flat,
-      nk=nk // layout.kx if nk > 1 else 1,
-      bits=bits,
-      grid=grid,
-      block_clip=block_clip,
-      config=config,
-      column_max=lambda x: jax.lax.pmax(x, layout.kaxes) if split else x,
-    )
+    out = jax.vmap(on_device)(_local(ws, kl, nl), *flat)
     return tuple(tuple(encoding.split_layers(x, shapes)) for x in out)
 
   cut = lambda x: tuple(encoding.split_layers(x, layers))

@@ -271,30 +271,22 @@ def _leaf_arrays(
   leaf, g, options = p.leaf, p.group, p.options
   absmax, alpha, clip, kinds = p.absmax, p.alpha, p.clip, p.kinds
   b = g.blocks
-  kwargs = dict(
-    nk=b.nk,
-    bits=g.bits,
-    grid=options.grid,
-    block_clip=options.clip_mode == 'block',
-    config=options.search_config,
-  )
+  spec = quantize.encode_spec(g, options)
   # A block clip over all columns (one scale a layer) needs the whole layer.
-  if reader.fits(leaf.value) or (b.ncol == 1 and options.clip_mode == 'block'):
+  if reader.fits(leaf.value) or (b.ncol == 1 and spec.block_clip):
     e = encoding.encode_layers(
       (reader.whole(leaf.value),),
       alpha,
       clip,
       absmax,
-      jnp.asarray(kinds),
-      k=b.k,
-      n=b.n,
+      kinds,
+      spec=spec,
       layers=(leaf.layers,),
-      **kwargs,
     )
     return tuple(np.asarray(x[0]) for x in e)  # type: ignore[return-value]
   # Stored rows are contiguous: blocks of them where they are the leaf's rows.
-  if leaf.value.perm is None and b.nk == 1 and options.clip_mode != 'block':
-    return _encode_rows(reader, p, kwargs, emit)
+  if leaf.value.perm is None and b.nk == 1 and not spec.block_clip:
+    return _encode_rows(reader, p, spec, emit)
   # Codes are packed along K and scales are per column: any columns encode alone,
   # their codes written at their place, their scales into arrays made once.
   width = reader.column_width(b.k, b.n)
@@ -308,7 +300,7 @@ def _leaf_arrays(
       codes, *part = (
         np.asarray(x)
         for x in _encode_columns(
-          w, alpha[layer], clip[layer], a, jnp.asarray(kinds[layer]), **kwargs
+          w, alpha[layer], clip[layer], a, jnp.asarray(kinds[layer]), spec=spec
         )
       )
       emit(codes, layer * per_layer, j)
@@ -332,7 +324,7 @@ def _leaf_arrays(
 def _encode_rows(
   reader: _Reader,
   p: _Planned,
-  kwargs: dict[str, Any],
+  spec: encoding.EncodeSpec,
   emit: Callable[[np.ndarray, int, int], None],
 ) -> tuple[Any, Any, Any, Any]:
   """Codes a block of rows at a time, handed to ``emit``; the scales of all rows.
@@ -361,7 +353,7 @@ def _encode_rows(
           clip[layer],
           p.absmax[layer],
           jnp.asarray(kinds[layer]),
-          **kwargs,
+          spec=spec,
         )
       )
       emit(codes, layer * per_layer + packing.packed_rows(r0, g.bits), 0)
@@ -373,12 +365,8 @@ def _encode_rows(
   return (None, *(x.reshape(*leaf.layers, *x.shape[1:]) for x in rest))  # type: ignore[return-value]
 
 
-@functools.partial(
-  jax.jit, static_argnames=('nk', 'bits', 'grid', 'block_clip', 'config')
-)
-def _encode_columns(w, alpha, clip, absmax, storage, **kwargs):
-  """:func:`encoding.encode_block` on some columns of a layer (all its rows)."""
-  return encoding.encode_block(w, alpha, clip, absmax, storage, **kwargs)
+# encoding.encode_block on some columns of a layer (all its rows).
+_encode_columns = jax.jit(encoding.encode_block, static_argnames=('spec', 'column_max'))
 
 
 def _lost_blocks(absmax: np.ndarray, scale: np.ndarray) -> int:

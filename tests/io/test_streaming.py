@@ -93,7 +93,7 @@ def _stack_axes(path, leaf):
 CASES = {
   'bits 4': dict(bits=4),
   'groups of 32, 3 bits': dict(bits=3, granularity=32),
-  'budget 3.5': dict(bits_per_weight=3.5),
+  'budget 3.5': dict(bits=(3, 5), bits_per_weight=3.5),  # few widths to compile
   'layer_axes': dict(bits=4, layer_axes=_stack_axes),
   'block clip': dict(bits=4, clip='block'),
   'tensor scales, global exponent': dict(bits=2, granularity='tensor', exponent='global'),

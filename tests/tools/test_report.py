@@ -324,7 +324,8 @@ def test_checkpoint_report_draws_the_widths_of_a_budget(tmp_path, capsys, monkey
     'b': rng.laplace(size=(512, 64)).astype(np.float32),
     'c': (rng.standard_normal((128, 96)) ** 3).astype(np.float32),
   }
-  params_q, _ = pqjax.quantize(params, bits_per_weight=4.4)
+  # A narrow range: a budget compiles the encoding at every width of it.
+  params_q, _ = pqjax.quantize(params, bits=(3, 5), bits_per_weight=4.4)
   s = pqjax.summary(params_q)
   assert len(s.widths) > 1
   pqjax.save_safetensors(tmp_path / 'q.safetensors', params_q)
