@@ -5,13 +5,15 @@ For each base (3 bits per channel; ``bits_per_weight=3.0``), rank and start
 toward the float model as ``examples/qlora_minilm.py`` does (batch 16, Adam at 1e-3,
 the first 512 sentences of ``stdlib_sentences(1024)``; the loss of ``--loss``) and
 reports the held-out (the other 512) mean and minimum cosine with the float
-embeddings before, every 100 steps and after folding. qwix's QLoRA
-(``qwix.LoraProvider``, an nf4 base per channel, adapters on every Dense) is
-trained the same way, on the same data and loss, at each rank. Then, side by side
-in one process, one training step of rank-8 adapters on the packed base, a float
-LoRA step of the same rank (fp32 base, ``W + a @ b * scale`` in every Dense) and
-qwix's nf4 QLoRA step: args + temp of the compiled step (``memory_analysis()``)
-and its time, at batch 2 and 16 of 64 tokens. Run:
+embeddings before, every 100 steps and after folding: at each leaf's width, and
+under a budget of the bits the adapted kernels store, adapters counted
+(``qlora_minilm.stored_bits``), so that the folded tree stores as many bits as the
+adapted one. qwix's QLoRA (``qwix.LoraProvider``, an nf4 base per channel, adapters
+on every Dense) is trained the same way, on the same data and loss, at each rank.
+Then, side by side in one process, one training step of rank-8 adapters on the
+packed base, a float LoRA step of the same rank (fp32 base, ``W + a @ b * scale`` in
+every Dense) and qwix's nf4 QLoRA step: args + temp of the compiled step
+(``memory_analysis()``) and its time, at batch 2 and 16 of 64 tokens. Run:
 
     python benchmarks/lora.py [--steps 300] [--ranks 4,8,16] [--inits residual]
       [--loss layers] [--qwix-ranks 8]
@@ -92,10 +94,17 @@ def accuracy_rows(
         s = pqjax.summary(params_l)
         extra = 8 * s.adapter_bytes / sum(x.size for x in s.leaves)
         folded = task.cosines(pqjax.lora.fold(params_l))
+        # As many bits as the adapted tree stores, adapters counted.
+        at_stored = pqjax.lora.fold(
+          params_l, bits_per_weight=qlora_minilm.stored_bits(params_l)
+        )
+        same = task.cosines(at_stored)
+        reached = pqjax.summary(at_stored).bits_per_weight
         rows.append(
           f'| {base} ({bits:.2f}) | {rank} | {init} | {before.mean():.4f} |'
           f' {start.mean():.4f} | {" / ".join(during)} | **{after.mean():.4f}**'
           f' ({after.min():.4f}) | {extra:.3f} (f32) | {folded.mean():.4f} |'
+          f' {same.mean():.4f} ({same.min():.4f}) at {reached:.2f} |'
         )
         print(rows[-1], flush=True)
   return rows
@@ -178,7 +187,7 @@ def qwix_row(task, steps: int, rank: int, loss: str) -> str:
     f' weights float: {overall:.1f} overall) | {rank} | he_uniform |'
     f' {before.mean():.4f} | {before.mean():.4f} |'
     f' {" / ".join(during)} | **{after.mean():.4f}** ({after.min():.4f}) |'
-    f' {extra:.3f} (f32) | - |'
+    f' {extra:.3f} (f32) | - | - |'
   )
   print(row, flush=True)
   return row
@@ -314,13 +323,17 @@ def main() -> None:
       'Held-out mean cosine with the float embeddings (512 sentences; min in'
       ' brackets), adapters on every kernel, batch 16, Adam 1e-3, loss'
       f' "{args.loss}" (`examples/qlora_minilm.py`); "during" every 100'
-      ' steps; "folded": `pqjax.lora.fold` at each leaf\'s width. qwix: the same'
+      ' steps; "folded": `pqjax.lora.fold` at each leaf\'s width; "folded at the'
+      ' stored bits": under a budget of the bits per weight the adapted kernels store'
+      ' (bases and f32 adapters), the embedding tables kept, so that the folded tree'
+      ' stores as many bits as the adapted one (its bits per weight after "at"; min'
+      ' in brackets). qwix: the same'
       ' training of `qwix.LoraProvider` adapters on its nf4 base (bits per weight of'
       ' its quantized kernels; it leaves the embedding tables float).',
       '',
       '| base (bits/weight) | rank | start | quantized | at start | during |'
-      ' after | adapter bits/weight | folded |',
-      '|---|---|---|---|---|---|---|---|---|',
+      ' after | adapter bits/weight | folded | folded at the stored bits |',
+      '|---|---|---|---|---|---|---|---|---|---|',
       *accuracy,
       '',
       'One training step, rank 8, 3-bit base (qwix: nf4), 64 tokens, args + temp'

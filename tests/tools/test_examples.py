@@ -73,7 +73,9 @@ def test_tunix_llama_example():
 def test_qlora_minilm_example():
   """A few adapter steps on a 3-bit MiniLM raise the held-out cosine; the folded,
   saved and reloaded trees serve, at the widths and the budget asked for."""
-  out = run_example('qlora_minilm', '--steps', '40')
+  out = run_example(
+    'qlora_minilm', '--steps', '40', '--sentences', '192', '--batch-size', '4'
+  )
   assert 0.8 < out['quantized held-out mean cosine'] < 0.9
   assert (
     out['adapted held-out mean cosine'] > out['quantized held-out mean cosine'] + 0.03
