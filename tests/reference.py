@@ -9,6 +9,19 @@ def qmax(bits: int) -> int:
   return 2 ** (bits - 1) - 1
 
 
+def fake_quantize(
+  x: np.ndarray, alpha: float, bits: int, axes: int | tuple[int, ...] | None = None
+) -> np.ndarray:
+  """The paper's activation quantizer in float64: absmax scales over ``axes`` (all
+  of ``x`` when None), power codes, then decoded."""
+  x = np.asarray(x, np.float64)
+  qm = qmax(bits)
+  m = np.max(np.abs(x), axis=axes, keepdims=True)
+  safe = np.where(m > 0, m, 1.0)
+  k = np.round(qm * (np.abs(x) / safe) ** alpha)
+  return np.sign(x) * m * (k / qm) ** (1.0 / alpha)
+
+
 def blocks(w: np.ndarray, nk: int, ncol: int) -> tuple[np.ndarray, np.ndarray]:
   """Block view (nk, K // nk, N) of a 2-D float32 array and its absmax scales."""
   k, n = w.shape

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import pqjax
+from tests.reference import fake_quantize
 
 FIELDS = ('codes', 'scale', 'column_scale', 'alpha', 'table')
 PATHS = ('auto', 'fused', 'decode', 'kernel', 'native')
@@ -696,16 +697,6 @@ def test_stacked_layers_gradients_reach_each_layers_adapter(path):
 # --- activation quantization (act_bits) with adapters -----------------------------------
 
 
-def _np_fake_quantize(x, alpha, bits, axes=None):
-  """The activation quantizer in float64: absmax scales over ``axes``, power codes."""
-  x = np.asarray(x, np.float64)
-  qm = 2 ** (bits - 1) - 1
-  m = np.max(np.abs(x), axis=axes, keepdims=True)
-  safe = np.where(m > 0, m, 1.0)
-  k = np.round(qm * (np.abs(x) / safe) ** alpha)
-  return np.sign(x) * m * (k / qm) ** (1.0 / alpha)
-
-
 @pytest.mark.parametrize('granularity', ['tensor', 'token'])
 @pytest.mark.parametrize('bits', [4, 8])
 def test_act_bits_quantize_the_input_of_base_and_adapter(adapted, bits, granularity):
@@ -717,7 +708,7 @@ def test_act_bits_quantize_the_input_of_base_and_adapter(adapted, bits, granular
   rng = np.random.default_rng(bits)
   x = (rng.laplace(size=(5, 48)) * np.linspace(0.2, 3.0, 48)).astype(np.float32)
   axes = None if granularity == 'tensor' else (-1,)
-  xq = _np_fake_quantize(x, alpha, bits, axes)
+  xq = fake_quantize(x, alpha, bits, axes)
   model = pqjax.wrap(lambda p, x: x @ p['k'], act_bits=bits, act_granularity=granularity)
   got = np.asarray(jax.jit(model)({'k': leaf}, x), np.float64)
   want = xq @ _reference_weight(leaf)

@@ -10,16 +10,7 @@ from flax import nnx
 from jax.extend import core
 
 import pqjax
-
-
-def np_fake_quantize(x, alpha, bits, axes=None):
-  """The paper's activation quantizer in float64: encode, then decode."""
-  x = np.asarray(x, np.float64)
-  qm = 2 ** (bits - 1) - 1
-  m = np.max(np.abs(x), axis=axes, keepdims=True)
-  safe = np.where(m > 0, m, 1.0)
-  k = np.round(qm * (np.abs(x) / safe) ** alpha)
-  return np.sign(x) * m * (k / qm) ** (1.0 / alpha)
+from tests.reference import fake_quantize
 
 
 def np_conv_same(x, w):
@@ -63,7 +54,7 @@ def test_dense_matches_numpy_reference(bits, granularity):
   alpha = float(alphas['kernel'])
   axes = None if granularity == 'tensor' else (-1,)
   w_hat = np.asarray(pqjax.dequantize(params_q)['kernel'], np.float64)
-  want = np_fake_quantize(x, alpha, bits, axes) @ w_hat + np.asarray(params['bias'])
+  want = fake_quantize(x, alpha, bits, axes) @ w_hat + np.asarray(params['bias'])
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
   weight_only = pqjax.wrap(layer.apply)({'params': params_q}, x)
   assert np.abs(np.asarray(weight_only) - want).max() > 1e-3  # the input was quantized
@@ -80,7 +71,7 @@ def test_conv_matches_numpy_reference(granularity):
   )
 
   axes = None if granularity == 'tensor' else (-1,)  # per pixel: over the channels
-  x_hat = np_fake_quantize(x, float(alphas['kernel']), 4, axes)
+  x_hat = fake_quantize(x, float(alphas['kernel']), 4, axes)
   w_hat = np.asarray(pqjax.dequantize(params_q)['kernel'], np.float64)
   want = np_conv_same(x_hat, w_hat) + np.asarray(params['bias'])
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
@@ -94,7 +85,7 @@ def test_given_exponent_and_zero_input():
   w_hat = np.asarray(pqjax.dequantize(params_q)['w'], np.float64)
   np.testing.assert_allclose(
     np.asarray(apply_q(params_q, x)),
-    np_fake_quantize(x, 1.0, 6) @ w_hat,
+    fake_quantize(x, 1.0, 6) @ w_hat,
     rtol=1e-5,
     atol=1e-5,
   )
@@ -165,7 +156,7 @@ def test_cnn_leaves_the_float_layers_input_untouched(cnn):
     np.asarray(apply_q(variables_q, x)), want, rtol=1e-5, atol=1e-5
   )
   assert (
-    np.abs(want - np_fake_quantize(features, 1.0, 4) @ np.asarray(head['kernel'])).max()
+    np.abs(want - fake_quantize(features, 1.0, 4) @ np.asarray(head['kernel'])).max()
     > 1e-3
   )  # a quantized head input would be told apart
 
@@ -196,8 +187,8 @@ def test_nnx_model_against_numpy_with_one_float_layer():
   w = {k: np.asarray(dq[k]['kernel'].get_value(), np.float64) for k in ('l1', 'l2', 'l3')}
   b = {k: np.asarray(dq[k]['bias'].get_value(), np.float64) for k in ('l1', 'l2', 'l3')}
   a = {k: float(alphas[k]['kernel'].get_value()) for k in ('l1', 'l2')}
-  h = np.maximum(np_fake_quantize(x, a['l1'], 5) @ w['l1'] + b['l1'], 0)
-  h = np.maximum(np_fake_quantize(h, a['l2'], 5) @ w['l2'] + b['l2'], 0)
+  h = np.maximum(fake_quantize(x, a['l1'], 5) @ w['l1'] + b['l1'], 0)
+  h = np.maximum(fake_quantize(h, a['l2'], 5) @ w['l2'] + b['l2'], 0)
   np.testing.assert_allclose(np.asarray(y), h @ w['l3'] + b['l3'], rtol=1e-5, atol=1e-5)
   jaxpr = jax.make_jaxpr(jax.jit(pqjax.wrap(forward, act_bits=5)))(state_q, x)
   assert count_rounds(jaxpr.jaxpr) == 2
@@ -238,10 +229,10 @@ def test_weights_are_followed_into_nested_programs():
   dq = {k: np.asarray(v, np.float64) for k, v in pqjax.dequantize(params_q).items()}
   a = {k: float(v) for k, v in alphas.items()}
   x = dq['table'][np.asarray(ids)]
-  x = np_fake_quantize(x, a['a'], 6) @ dq['a'].T
-  x = np.maximum(np_fake_quantize(x, a['a'], 6) @ dq['a'], 0)
+  x = fake_quantize(x, a['a'], 6) @ dq['a'].T
+  x = np.maximum(fake_quantize(x, a['a'], 6) @ dq['a'], 0)
   for w in dq['stack']:
-    x = np.tanh(np_fake_quantize(x, a['stack'], 6) @ w)
+    x = np.tanh(fake_quantize(x, a['stack'], 6) @ w)
   np.testing.assert_allclose(np.asarray(y), x, rtol=1e-4, atol=1e-5)
 
 
@@ -269,7 +260,7 @@ def test_weights_are_followed_into_while_loops():
   w = np.asarray(pqjax.dequantize(params_q)['w'], np.float64)
   want = np.asarray(x, np.float64)
   for _ in range(3):
-    want = np.tanh(np_fake_quantize(want, float(alphas['w']), 8) @ w)
+    want = np.tanh(fake_quantize(want, float(alphas['w']), 8) @ w)
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-6)
 
 
