@@ -237,7 +237,19 @@ def search(
   if warm:
     assert start is not None
     alphas, clips = start
-  if len(widths) == 1 and start is None:
+  if len(widths) == 1 and start is None and not plan.shared:
+    a, c = fit.search_each_width(
+      np.concatenate([np.asarray(s, np.float32) for s in binned]),
+      np.asarray(alphas, np.float32),
+      np.asarray(clips, np.float32),
+      np.full(n, widths[0]),
+      grid=options.grid,
+      plan=plan,
+      config=config,
+      warm=False,
+    )
+    alphas, clips = jax.device_put(a), jax.device_put(c)
+  elif len(widths) == 1 and start is None:
     alphas, clips = fit.search_stats(
       jnp.concatenate(binned),
       alphas,

@@ -93,7 +93,7 @@ class WidthTable(NamedTuple):
   limit: int
   storage: list[np.ndarray]
   # The estimate's exponents and clip ratios at each width, ``(widths, L)``.
-  points: tuple[jax.Array, jax.Array]
+  points: tuple[np.ndarray, np.ndarray]
 
 
 def width_table(
@@ -131,15 +131,7 @@ def width_table(
       costs.append(np.array(cost, np.float64))
   limit = _limit(costs, leaves, options)
   binned = jnp.concatenate([sharding.to_host(s.stats) for s in group_stats])
-  errors, *points = fit.width_errors(
-    binned,
-    *starting_point(binned.shape[0], options),
-    binary_exponents(group_stats),
-    widths=widths,
-    grid=options.grid,
-    plan=plan_of(options),
-    config=options.search_config,
-  )
+  errors, alphas, clips = _estimates(binned, group_stats, options)
   norms = stats.layer_norms(np.asarray(binned))
   errors = np.asarray(errors, np.float64)
   relative = np.where(norms > 0, errors / np.where(norms > 0, norms, 1.0), 0.0)
@@ -148,7 +140,45 @@ def width_table(
     _importance(leaf, options) * relative[:, end - leaf.layer_count : end].sum(axis=1)
     for leaf, end in zip(leaves, ends)
   ]
-  return WidthTable(leaves, costs, damages, limit, storage, (points[0], points[1]))
+  return WidthTable(leaves, costs, damages, limit, storage, (alphas, clips))
+
+
+def _estimates(
+  binned: jax.Array, group_stats: Sequence[GroupStats], options: QuantizeOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """:func:`fit.width_errors` of every layer at every width of the range.
+
+  Without a shared exponent, by programs of one width each that any tree reuses
+  (:func:`fit.estimate_each_width`), compiled side by side the first time.
+  """
+  plan, config = plan_of(options), options.search_config
+  alpha, clip = starting_point(binned.shape[0], options)
+  if plan.shared:
+    errors, alphas, clips = fit.width_errors(
+      binned,
+      alpha,
+      clip,
+      binary_exponents(group_stats),
+      widths=options.widths,
+      grid=options.grid,
+      plan=plan,
+      config=config,
+    )
+    return np.asarray(errors), np.asarray(alphas), np.asarray(clips)
+  fit.compile_all(
+    fit.estimate_compilations(
+      options.widths, binned.shape[2], grid=options.grid, plan=plan, config=config
+    )
+  )
+  return fit.estimate_each_width(
+    np.asarray(binned, np.float32),
+    np.asarray(alpha),
+    np.asarray(clip),
+    widths=options.widths,
+    grid=options.grid,
+    plan=plan,
+    config=config,
+  )
 
 
 def choose_widths(
@@ -196,7 +226,7 @@ def _split(
   group_stats: Sequence[GroupStats],
   storage: Sequence[np.ndarray],
   bits_of: dict[int, int],
-  points: tuple[jax.Array, jax.Array],
+  points: tuple[np.ndarray, np.ndarray],
   chosen: np.ndarray,
 ) -> Widths:
   """Each group cut into one group per width, widths ascending, with its layers.

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 
 import pqjax
+from pqjax._src import stages
+from pqjax._src.search import fit
 
 # The programs that make a pass over the weights, compiled per layer shape.
 PASSES = ('group_stats', 'leaf_codes')
@@ -110,6 +112,8 @@ _FRESH = r"""
 import hashlib, sys
 import jax, numpy as np
 import pqjax
+from pqjax._src import stages
+from pqjax._src.search import fit
 tree = dict(np.load(sys.argv[1]))
 q = pqjax.quantize(tree, bits=(2, 5), bits_per_weight=float(sys.argv[2]))
 h = hashlib.sha256(str(jax.tree_util.tree_structure(q)).encode())
@@ -168,3 +172,46 @@ def test_another_budget_compiles_nothing_and_matches_a_fresh_process(tmp_path):
     out, err = child.communicate(timeout=600)
     assert child.returncode == 0, err[-3000:]
     assert out.strip().splitlines()[-1] == _digest(results[bpw]), bpw
+
+
+def test_a_budget_on_another_tree_compiles_no_search():
+  rng = np.random.default_rng(8)
+  options = dict(bits=(2, 5), bits_per_weight=3.0, clip=False)
+  pqjax.quantize({'a': rng.standard_normal((67, 21)).astype(np.float32)}, **options)
+  # More layers, of shapes no other test uses.
+  other = {
+    str(i): rng.laplace(size=(89 + 2 * i, 25)).astype(np.float32) for i in range(5)
+  }
+  _COMPILED.clear()
+  pqjax.quantize(other, **options)
+  # The width estimates and the searches at each width are programs of a chunk of
+  # layers: only the passes over the new shapes (and the refinement of the tree's
+  # small layers) compile.
+  searches = {'jit(width_errors)', 'jit(search_widths)', 'jit(search_stats)'}
+  assert not searches & set(_COMPILED), _COMPILED
+
+
+def test_estimates_in_chunks_equal_one_program_for_all_layers():
+  rng = np.random.default_rng(9)
+  options = pqjax.QuantizeOptions(bits_per_weight=3.0)
+  config, plan = options.search_config, stages.plan_of(options)
+  layers = 2 * fit.CHUNK + 1  # a last chunk filled with empty layers
+  stats = rng.random((layers, 2, config.bins, 2)).astype(np.float32)
+  stats[:, :, : config.bins // 2] *= 50  # most weight on small magnitudes
+  alpha, clip = rng.uniform(0.5, 1, (2, layers)).astype(np.float32)
+  widths = (2, 4, 7)
+  whole = fit.width_errors(
+    stats,
+    alpha,
+    clip,
+    np.zeros(layers, np.int32),
+    widths=widths,
+    grid=options.grid,
+    plan=plan,
+    config=config,
+  )
+  chunked = fit.estimate_each_width(
+    stats, alpha, clip, widths=widths, grid=options.grid, plan=plan, config=config
+  )
+  for got, want in zip(chunked, whole):
+    np.testing.assert_array_equal(got, np.asarray(want))
