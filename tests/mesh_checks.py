@@ -295,8 +295,8 @@ def test_explicit_meshes(spec):
   _check_against_one_device(q, ref, alphas, ref_alphas, leaves)
   assert pqjax.relative_error(leaves, q) == pqjax.relative_error(params, ref)
   # Budgets, and a stack split over its layer axis.
-  qb, _ = pqjax.quantize(leaves, bits_per_weight=3.5)
-  rb, _ = pqjax.quantize(params, bits_per_weight=3.5)
+  qb, _ = pqjax.quantize(leaves, bits=(3, 5), bits_per_weight=3.5)
+  rb, _ = pqjax.quantize(params, bits=(3, 5), bits_per_weight=3.5)
   for name in params:
     np.testing.assert_array_equal(np.asarray(qb[name].codes), np.asarray(rb[name].codes))
   stack = jax.device_put(_layers((4, 32, 48), 9), NamedSharding(mesh, P('y', None, None)))
