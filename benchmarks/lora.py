@@ -1,22 +1,25 @@
 """QLoRA on MiniLM: adapters on a quantized base, trained with optax, measured.
 
-For each base (3 bits per channel; ``bits_per_weight=3.0``), rank and start
-(Gaussian; the SVD of the quantization error), trains the adapters of every kernel
-toward the float model as ``examples/qlora_minilm.py`` does (batch 16, Adam at 1e-3,
-the first 512 sentences of ``stdlib_sentences(1024)``; the loss of ``--loss``) and
-reports the held-out (the other 512) mean and minimum cosine with the float
-embeddings before, every 100 steps and after folding: at each leaf's width, and
-under a budget of the bits the adapted kernels store, adapters counted
-(``qlora_minilm.stored_bits``), so that the folded tree stores as many bits as the
-adapted one. qwix's QLoRA (``qwix.LoraProvider``, an nf4 base per channel, adapters
-on every Dense) is trained the same way, on the same data and loss, at each rank.
-Then, side by side in one process, one training step of rank-8 adapters on the
-packed base, a float LoRA step of the same rank (fp32 base, ``W + a @ b * scale`` in
-every Dense) and qwix's nf4 QLoRA step: args + temp of the compiled step
-(``memory_analysis()``) and its time, at batch 2 and 16 of 64 tokens. Run:
+For each base of ``--bases`` (3 bits per channel; ``bits_per_weight=3.0``; that
+budget with block clipping; 4 bits on the kernels alone, as qwix quantizes), rank
+and start (Gaussian; the SVD of the quantization error), trains the adapters of
+every kernel toward the float model as ``examples/qlora_minilm.py`` does (batch 16,
+Adam at 1e-3, the first 512 sentences of ``stdlib_sentences(1024)``; the recipe of
+``--loss``, ``--hidden-weight``, ``--schedule`` and ``--alpha``) and reports the
+held-out (the other 512) mean and minimum cosine with the float embeddings before,
+every 100 steps and after folding: at each leaf's width, and under a budget of the
+bits the adapted kernels store, adapters counted (``qlora_minilm.stored_bits``), so
+that the folded tree stores as many bits as the adapted one. qwix's QLoRA
+(``qwix.LoraProvider``, an nf4 base per channel, adapters on every Dense) is trained
+the same way, on the same data and recipe, at each rank. Then, side by side in one
+process, one training step of rank-8 adapters on the packed base, a float LoRA step
+of the same rank (fp32 base, ``W + a @ b * scale`` in every Dense) and qwix's nf4
+QLoRA step: args + temp of the compiled step (``memory_analysis()``) and its time,
+at batch 2 and 16 of 64 tokens. Run:
 
     python benchmarks/lora.py [--steps 300] [--ranks 4,8,16] [--inits residual]
-      [--loss layers] [--qwix-ranks 8]
+      [--bases "3 bits,bits_per_weight=3.0"] [--loss layers] [--hidden-weight 1]
+      [--schedule constant] [--alpha 8] [--qwix-ranks 8]
 
 Prints a table and writes benchmarks/results/lora.md.
 """
@@ -30,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,23 +60,44 @@ RECIPES = [
   ' 0.9510 (0.8753) |',
 ]
 
-BASES = {'3 bits': dict(bits=3), 'bits_per_weight=3.0': dict(bits_per_weight=3.0)}
+BASES: dict[str, dict[str, Any]] = {
+  '3 bits': dict(bits=3),
+  'bits_per_weight=3.0': dict(bits_per_weight=3.0),
+  'bits_per_weight=3.0 block clip': dict(bits_per_weight=3.0, clip='block'),
+  # The kernels alone, as qwix quantizes them: its nf4 base's bits per weight.
+  '4 bits on kernels': dict(bits=4, filter=qlora_minilm.kernels),
+}
+
+
+class Recipe(NamedTuple):
+  """How the adapters train (``qlora_minilm.train``'s options), on every base."""
+
+  loss: str = 'layers'
+  hidden_weight: float = 1.0
+  schedule: str = 'constant'
+  alpha: float | None = None
 
 
 def accuracy_rows(
-  task, steps: int, ranks: list[int], inits: list[str], loss: str
+  task, steps: int, ranks: list[int], inits: list[str], bases: list[str], recipe: Recipe
 ) -> list[str]:
   rows = []
-  for base, options in BASES.items():
-    params_q, _ = pqjax.quantize(task.model.params, **options)
+  # Adapter bits over the weights of every matrix (kernels and embedding tables),
+  # as qwix's row counts them.
+  weights = sum(x.size for x in jax.tree.leaves(task.model.params) if x.ndim >= 2)
+  for base in bases:
+    params_q, _ = pqjax.quantize(task.model.params, **BASES[base])
     before = task.cosines(params_q)
-    bits = pqjax.summary(params_q).bits_per_weight
+    bits = f'{pqjax.summary(params_q).bits_per_weight:.2f}'
+    if 'filter' in BASES[base]:
+      bits += ' on kernels; embedding tables float'
     for rank in ranks:
       for init in inits:
         params_l = pqjax.lora.init(
           params_q,
           rank,
           key=jax.random.key(0),
+          alpha=recipe.alpha,
           init=init,
           params=task.model.params if init == 'residual' else None,
           filter=qlora_minilm.kernels,
@@ -85,14 +109,15 @@ def accuracy_rows(
           params_l,
           steps=steps,
           lr=1e-3,
-          loss=loss,
+          loss=recipe.loss,
+          hidden_weight=recipe.hidden_weight,
+          schedule=recipe.schedule,
           report=lambda i, p, during=during: during.append(
             f'{task.cosines(p).mean():.4f}'
           ),
         )
         after = task.cosines(params_l)
-        s = pqjax.summary(params_l)
-        extra = 8 * s.adapter_bytes / sum(x.size for x in s.leaves)
+        extra = 8 * pqjax.summary(params_l).adapter_bytes / weights
         folded = task.cosines(pqjax.lora.fold(params_l))
         # As many bits as the adapted tree stores, adapters counted.
         at_stored = pqjax.lora.fold(
@@ -101,7 +126,7 @@ def accuracy_rows(
         same = task.cosines(at_stored)
         reached = pqjax.summary(at_stored).bits_per_weight
         rows.append(
-          f'| {base} ({bits:.2f}) | {rank} | {init} | {before.mean():.4f} |'
+          f'| {base} ({bits}) | {rank} | {init} | {before.mean():.4f} |'
           f' {start.mean():.4f} | {" / ".join(during)} | **{after.mean():.4f}**'
           f' ({after.min():.4f}) | {extra:.3f} (f32) | {folded.mean():.4f} |'
           f' {same.mean():.4f} ({same.min():.4f}) at {reached:.2f} |'
@@ -110,11 +135,11 @@ def accuracy_rows(
   return rows
 
 
-def _qwix_model(module, rank: int):
+def _qwix_model(module, rank: int, alpha: float | None = None):
   import qwix
 
   provider = qwix.LoraProvider(
-    module_path='.*', weight_qtype='nf4', rank=rank, alpha=float(rank)
+    module_path='.*', weight_qtype='nf4', rank=rank, alpha=float(alpha or rank)
   )
   return qwix.quantize_model(module, provider)
 
@@ -123,13 +148,15 @@ def _is_adapter(key: tuple[str, ...]) -> bool:
   return key[-1].endswith(('_lora_a', '_lora_b'))
 
 
-def qwix_qlora(task, rank: int) -> tuple[Any, dict, dict, Callable[..., Any]]:
+def qwix_qlora(
+  task, rank: int, alpha: float | None = None
+) -> tuple[Any, dict, dict, Callable[..., Any]]:
   """qwix's QLoRA of the model: ``(module, adapters, frozen, merge)``: the nf4 base
   from the float params (``qwix.quantize_params``), the adapters as qwix initialises
   them (``a`` He-uniform, ``b`` zeros), both as flat dicts."""
   import qwix
 
-  qmodel = _qwix_model(task.model.module, rank)
+  qmodel = _qwix_model(task.model.module, rank, alpha)
   b = task.train.batches[0]
   inputs = (b['input_ids'], b['attention_mask'], b['token_type_ids'])
   init = jax.jit(qmodel.init)(jax.random.key(0), *inputs)['params']
@@ -153,9 +180,9 @@ def _qwix_bits(frozen: dict) -> tuple[float, int]:
   return bits / n, left
 
 
-def qwix_row(task, steps: int, rank: int, loss: str) -> str:
-  """qwix's nf4 QLoRA trained as the pqjax adapters are: same data, loss, steps."""
-  qmodel, adapters, frozen, merge = qwix_qlora(task, rank)
+def qwix_row(task, steps: int, rank: int, recipe: Recipe) -> str:
+  """qwix's nf4 QLoRA trained as the pqjax adapters are: same data, recipe, steps."""
+  qmodel, adapters, frozen, merge = qwix_qlora(task, rank, recipe.alpha)
   embed = minilm.embed_fn(qmodel.apply)
 
   def cosines(ad: dict) -> np.ndarray:
@@ -164,7 +191,9 @@ def qwix_row(task, steps: int, rank: int, loss: str) -> str:
 
   def loss_fn(ad, batch, target):
     hidden = qlora_minilm.hidden_states(qmodel.apply, merge(ad, frozen), batch)
-    return qlora_minilm.distillation_loss(hidden, target, batch, loss)
+    return qlora_minilm.distillation_loss(
+      hidden, target, batch, recipe.loss, recipe.hidden_weight
+    )
 
   before = cosines(adapters)
   during: list[str] = []
@@ -174,6 +203,7 @@ def qwix_row(task, steps: int, rank: int, loss: str) -> str:
     loss_fn,
     steps=steps,
     lr=1e-3,
+    schedule=recipe.schedule,
     report=lambda i, ad: during.append(f'{cosines(ad).mean():.4f}'),
   )
   after = cosines(adapters)
@@ -300,29 +330,45 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=300)
   parser.add_argument('--ranks', default='4,8,16')
   parser.add_argument('--inits', default='residual')
+  parser.add_argument('--bases', default='3 bits,bits_per_weight=3.0', help=str(BASES))
   parser.add_argument('--loss', choices=('pooled', 'tokens', 'layers'), default='layers')
+  parser.add_argument('--hidden-weight', type=float, default=1.0)
+  parser.add_argument(
+    '--schedule', choices=('constant', 'warmup-cosine'), default='constant'
+  )
+  parser.add_argument('--alpha', type=float, default=None, help='default: the rank')
   parser.add_argument('--qwix-ranks', default='8', help='"" leaves qwix out')
+  parser.add_argument('--name', default='lora', help='of the benchmarks/results file')
   args = parser.parse_args()
   ranks = [int(r) for r in args.ranks.split(',')]
   qwix_ranks = [int(r) for r in args.qwix_ranks.split(',') if r]
   inits = args.inits.split(',')
+  bases = args.bases.split(',')
+  recipe = Recipe(args.loss, args.hidden_weight, args.schedule, args.alpha)
   task = qlora_minilm.distillation(minilm.load())
   steps = step_rows(task)
-  accuracy = accuracy_rows(task, args.steps, ranks, inits, args.loss)
-  accuracy += [qwix_row(task, args.steps, r, args.loss) for r in qwix_ranks]
+  accuracy = accuracy_rows(task, args.steps, ranks, inits, bases, recipe)
+  accuracy += [qwix_row(task, args.steps, r, recipe) for r in qwix_ranks]
   publish(
-    'lora',
+    args.name,
     [
       '# QLoRA on MiniLM: adapters trained on a quantized base',
       '',
       f'Machine: {platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__}.'
       f' Command: `python benchmarks/lora.py --steps {args.steps}'
-      f' --ranks {args.ranks} --inits {args.inits} --loss {args.loss}'
-      f' --qwix-ranks "{args.qwix_ranks}"`.',
+      f' --ranks {args.ranks} --inits {args.inits} --bases "{args.bases}"'
+      f' --loss {args.loss} --hidden-weight {args.hidden_weight}'
+      f' --schedule {args.schedule}'
+      + (f' --alpha {args.alpha:g}' if args.alpha else '')
+      + f' --qwix-ranks "{args.qwix_ranks}"'
+      + (f' --name {args.name}' if args.name != 'lora' else '')
+      + '`.',
       '',
       'Held-out mean cosine with the float embeddings (512 sentences; min in'
-      ' brackets), adapters on every kernel, batch 16, Adam 1e-3, loss'
-      f' "{args.loss}" (`examples/qlora_minilm.py`); "during" every 100'
+      ' brackets), adapters on every kernel, batch 16, Adam 1e-3'
+      f' ({args.schedule}), loss "{args.loss}" (hidden states weighted'
+      f' {args.hidden_weight:g}), alpha {args.alpha or "the rank"}'
+      ' (`examples/qlora_minilm.py`); "during" every 100'
       ' steps; "folded": `pqjax.lora.fold` at each leaf\'s width; "folded at the'
       ' stored bits": under a budget of the bits per weight the adapted kernels store'
       ' (bases and f32 adapters), the embedding tables kept, so that the folded tree'

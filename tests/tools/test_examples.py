@@ -74,7 +74,9 @@ def test_qlora_minilm_example():
   """A few adapter steps on a 3-bit MiniLM raise the held-out cosine; the folded,
   saved and reloaded trees serve, at the widths and the budget asked for."""
   out = run_example(
-    'qlora_minilm', '--steps', '40', '--sentences', '192', '--batch-size', '4'
+    'qlora_minilm',
+    *('--steps', '40', '--sentences', '192', '--batch-size', '4'),
+    *('--schedule', 'warmup-cosine', '--hidden-weight', '3'),
   )
   assert 0.8 < out['quantized held-out mean cosine'] < 0.9
   assert (
