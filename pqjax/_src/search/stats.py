@@ -168,7 +168,7 @@ def stack(leaves: Sequence[jax.Array], k: int, n: int) -> jax.Array:
 
 
 # statistics and encoding (one pass over the weights each) are compiled per shape,
-# the search itself once for all layers of the tree, on their concatenated stats.
+# the search per width, on the stats of a few layers at a time (``fit.CHUNK``).
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'n', 'nk', 'ncol', 'bins'))
