@@ -237,18 +237,8 @@ def search(
   if warm:
     assert start is not None
     alphas, clips = start
-  if len(widths) == 1 and start is None and not plan.shared:
-    a, c = fit.search_each_width(
-      np.concatenate([np.asarray(s, np.float32) for s in binned]),
-      np.asarray(alphas, np.float32),
-      np.asarray(clips, np.float32),
-      np.full(n, widths[0]),
-      grid=options.grid,
-      plan=plan,
-      config=config,
-      warm=False,
-    )
-    alphas, clips = jax.device_put(a), jax.device_put(c)
+  if not plan.shared and (warm or len(widths) == 1):
+    alphas, clips = _search_each_layer(groups, binned, alphas, clips, plan, options, warm)
   elif len(widths) == 1 and start is None:
     alphas, clips = fit.search_stats(
       jnp.concatenate(binned),
@@ -262,9 +252,45 @@ def search(
     )
   else:
     alphas, clips = _search_widths(
-      groups, binned, alphas, clips, exponents, widths, plan, options, warm
+      groups, binned, alphas, clips, exponents, widths, plan, options
     )
   return _refine(alphas, clips, groups, plan, options)
+
+
+def _search_each_layer(
+  groups: Sequence[Group],
+  binned: Sequence[jax.Array],
+  alphas: jax.Array,
+  clips: jax.Array,
+  plan: Plan,
+  options: QuantizeOptions,
+  warm: bool,
+) -> tuple[jax.Array, jax.Array]:
+  """Each layer searched at its width (not a shared exponent), by programs of that
+  width alone, which any tree with the same settings reuses.
+
+  From the estimate's points (``warm``, a bit budget), the programs of every width
+  of the budget's range are compiled the first time: another budget on the same
+  tree compiles no search.
+  """
+  config = options.search_config
+  if warm:
+    fit.compile_all(
+      fit.compilations(
+        options.widths, config.bins, grid=options.grid, plan=plan, config=config
+      )
+    )
+  a, c = fit.search_each_width(
+    np.concatenate([np.asarray(s, np.float32) for s in binned]),
+    np.asarray(alphas, np.float32),
+    np.asarray(clips, np.float32),
+    np.repeat([g.bits for g in groups], [g.layer_count for g in groups]),
+    grid=options.grid,
+    plan=plan,
+    config=config,
+    warm=warm,
+  )
+  return jax.device_put(a), jax.device_put(c)
 
 
 def _search_widths(
@@ -276,33 +302,9 @@ def _search_widths(
   widths: Sequence[int],
   plan: Plan,
   options: QuantizeOptions,
-  warm: bool,
 ) -> tuple[jax.Array, jax.Array]:
-  """The search of layers at several widths (a bit budget).
-
-  From the estimate's points (``warm``), each width's layers are searched by
-  programs of that width alone, compiled for every width of the budget's range the
-  first time: another budget on the same tree compiles no search. A shared exponent
-  minimises the error of all widths at once, in one program.
-  """
-  config = options.search_config
-  if warm:
-    fit.compile_all(
-      fit.compilations(
-        options.widths, config.bins, grid=options.grid, plan=plan, config=config
-      )
-    )
-    bits = np.repeat([g.bits for g in groups], [g.layer_count for g in groups])
-    a, c = fit.search_each_width(
-      np.concatenate([np.asarray(s, np.float32) for s in binned]),
-      np.asarray(alphas, np.float32),
-      np.asarray(clips, np.float32),
-      bits,
-      grid=options.grid,
-      plan=plan,
-      config=config,
-    )
-    return jax.device_put(a), jax.device_put(c)
+  """The search of layers at several widths in one program: a shared exponent
+  minimises the error of all widths at once."""
   offsets = np.cumsum([0] + [g.layer_count for g in groups])
   index = [
     np.concatenate(
@@ -321,8 +323,7 @@ def _search_widths(
     widths=tuple(widths),
     grid=options.grid,
     plan=plan,
-    config=config,
-    warm=warm,
+    config=options.search_config,
   )
   return alphas.at[order].set(a), clips.at[order].set(c)
 

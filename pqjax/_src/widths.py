@@ -130,9 +130,11 @@ def width_table(
       leaves.append(leaf)
       costs.append(np.array(cost, np.float64))
   limit = _limit(costs, leaves, options)
-  binned = jnp.concatenate([sharding.to_host(s.stats) for s in group_stats])
+  binned = np.concatenate(
+    [np.asarray(sharding.to_host(s.stats), np.float32) for s in group_stats]
+  )
   errors, alphas, clips = _estimates(binned, group_stats, options)
-  norms = stats.layer_norms(np.asarray(binned))
+  norms = stats.layer_norms(binned)
   errors = np.asarray(errors, np.float64)
   relative = np.where(norms > 0, errors / np.where(norms > 0, norms, 1.0), 0.0)
   ends = np.cumsum([leaf.layer_count for leaf in leaves])
@@ -144,7 +146,7 @@ def width_table(
 
 
 def _estimates(
-  binned: jax.Array, group_stats: Sequence[GroupStats], options: QuantizeOptions
+  binned: np.ndarray, group_stats: Sequence[GroupStats], options: QuantizeOptions
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """:func:`fit.width_errors` of every layer at every width of the range.
 
@@ -171,7 +173,7 @@ def _estimates(
     )
   )
   return fit.estimate_each_width(
-    np.asarray(binned, np.float32),
+    binned,
     np.asarray(alpha),
     np.asarray(clip),
     widths=options.widths,

@@ -391,10 +391,10 @@ def search_each_width(
     The exponents and clip ratios ``(L,)`` found, as host arrays.
   """
   assert not plan.shared
+  settings = dict(grid=grid, plan=plan, config=config)
   parts = []
   for b in np.unique(bits):
     for part, (s, a, c, e) in _chunks(stats, alpha, clip, np.flatnonzero(bits == b)):
-      settings = dict(grid=grid, plan=plan, config=config)
       # Every call is dispatched before any result is read.
       if warm:
         found = search_widths((s,), a, c, e, widths=(int(b),), warm=True, **settings)
